@@ -1,0 +1,345 @@
+"""Decoder-only transformer for the Llama and Qwen2 families (flax linen).
+
+Axis legend: B batch, T query length, S key/cache length, D model width,
+H query heads, K kv heads, G = H // K query heads per kv head, E head dim,
+F MLP width, V vocab.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`)
+so that sharding is a table of rules in `kimi_jax/parallel.py`. Layers are
+unrolled (`layers_0`, `layers_1`, ...) rather than scanned: on the decode path
+a scan over stacked weights slices every weight every step, which measured
+about twice the matmul time on CPU.
+
+Call without a cache for training/scoring:
+  logits_BTV = Transformer(cfg).apply({'params': p}, tokens_BT)
+and with a `KVCache` for prefill and incremental decode:
+  logits_BTV, cache = Transformer(cfg).apply({'params': p}, tokens_BT, cache=cache)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kimi_jax.models.kv_cache import KVCache
+
+FAMILIES = ("llama", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3 style frequency-dependent RoPE scaling (HF `rope_type: llama3`)."""
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and numerics of one model. Hashable: usable as a jit static.
+
+  dtype fields are strings ("float32", "bfloat16") to keep the config
+  hashable and JSON-friendly.
+  """
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: Optional[int] = None  # default hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[RopeScaling] = None
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False  # True for Qwen2
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 4096
+  family: str = "llama"  # "llama" | "qwen2": decides the HF export format
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype; norms, softmax and logits stay fp32
+  bos_id: Optional[int] = None
+  eos_id: Optional[int] = None
+  pad_id: Optional[int] = None
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                 "num_heads", "num_kv_heads", "max_position_embeddings"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+          f"num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"ModelConfig.hidden_size ({self.hidden_size}) is not divisible by "
+          f"num_heads ({self.num_heads}); set head_dim explicitly")
+    if self.family not in FAMILIES:
+      raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f"ModelConfig.{name}: unknown dtype {getattr(self, name)!r}") from e
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def num_params(self) -> int:
+    """Parameter count (exact, from the architecture)."""
+    d, f, e = self.hidden_size, self.intermediate_size, self.head_size
+    attn = d * e * (self.num_heads * 2 + self.num_kv_heads * 2)
+    if self.qkv_bias:
+      attn += e * (self.num_heads + 2 * self.num_kv_heads)
+    layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.num_layers * layer + d + head
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """float32 `[E/2]` inverse frequencies, with Llama 3 scaling if configured."""
+  e = cfg.head_size
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv_freq
+  # Same piecewise rule as HF `_compute_llama3_parameters`: long wavelengths
+  # are divided by `factor`, short ones kept, the band between interpolated.
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding in the HF "rotate half" convention (not interleaved)."""
+  angles_BTf = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+  cos = jnp.cos(angles_BTf)[:, :, None, :]
+  sin = jnp.sin(angles_BTf)[:, :, None, :]
+  x = x_BTNE.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNE.dtype)
+
+
+def _kernel_init():
+  return nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    # HF computes the statistics in fp32 and multiplies by the weight after
+    # casting back to the input dtype; same order here for parity.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = jnp.asarray(scale, x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+    return scale * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  def _proj(self, name, x_BTD, heads, axes):
+    cfg = self.cfg
+    kernel = self.param(name, nn.with_logical_partitioning(_kernel_init(), ("embed",) + axes),
+                        (cfg.hidden_size, heads, cfg.head_size), jnp.dtype(cfg.param_dtype))
+    y = jnp.einsum("btd,dne->btne", x_BTD, jnp.asarray(kernel, x_BTD.dtype))
+    if cfg.qkv_bias:
+      bias = self.param(name + "_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                        (heads, cfg.head_size), jnp.dtype(cfg.param_dtype))
+      y = y + jnp.asarray(bias, y.dtype)[None, None]
+    return y
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_kv=None, cache_index=None):
+    """Returns `(out_BTD, (k_BKSE, v_BKSE))`; the pair is the updated cache
+    layer when `cache_kv` is given, else the keys/values of this call."""
+    cfg = self.cfg
+    K, E = cfg.num_kv_heads, cfg.head_size
+    G = cfg.num_heads // K
+    q_BTHE = self._proj("q", x_BTD, cfg.num_heads, ("q_heads", "head_dim"))
+    k_BTKE = self._proj("k", x_BTD, K, ("kv_heads", "head_dim"))
+    v_BTKE = self._proj("v", x_BTD, K, ("kv_heads", "head_dim"))
+    inv_freq = rope_inv_freq(cfg)
+    q_BTHE = apply_rope(q_BTHE, positions_BT, inv_freq)
+    k_BTKE = apply_rope(k_BTKE, positions_BT, inv_freq)
+
+    k_BKTE = k_BTKE.transpose(0, 2, 1, 3)
+    v_BKTE = v_BTKE.transpose(0, 2, 1, 3)
+    if cache_kv is None:
+      k_BKSE, v_BKSE = k_BKTE, v_BKTE
+    else:
+      ck, cv = cache_kv
+      at = (0, 0, cache_index, 0)
+      k_BKSE = jax.lax.dynamic_update_slice(ck, k_BKTE.astype(ck.dtype), at)
+      v_BKSE = jax.lax.dynamic_update_slice(cv, v_BKTE.astype(cv.dtype), at)
+
+    B, T = x_BTD.shape[:2]
+    q_BKGTE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE.astype(q_BKGTE.dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(E))
+    # A finite fill keeps fully masked rows (left padding) free of NaNs.
+    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
+    out_BKGTE = jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
+    out_BTHE = out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads, E)
+    o = self.param("o", nn.with_logical_partitioning(_kernel_init(), ("q_heads", "head_dim", "embed")),
+                   (cfg.num_heads, E, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+    out_BTD = jnp.einsum("bthe,hed->btd", out_BTHE.astype(x_BTD.dtype), jnp.asarray(o, x_BTD.dtype))
+    return out_BTD, (k_BKSE, v_BKSE)
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    pd = jnp.dtype(cfg.param_dtype)
+
+    def kernel(name, shape, axes):
+      w = self.param(name, nn.with_logical_partitioning(_kernel_init(), axes), shape, pd)
+      return jnp.asarray(w, x_BTD.dtype)
+
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    gate = x_BTD @ kernel("gate", (d, f), ("embed", "mlp"))
+    up = x_BTD @ kernel("up", (d, f), ("embed", "mlp"))
+    return (nn.silu(gate) * up) @ kernel("down", (f, d), ("mlp", "embed"))
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_kv=None, cache_index=None):
+    cfg = self.cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    h = RMSNorm(cfg.rms_norm_eps, pd, name="attn_norm")(x_BTD)
+    attn_out, kv = Attention(cfg, name="attn")(h, positions_BT, mask_BTS, cache_kv, cache_index)
+    x_BTD = x_BTD + attn_out
+    h = RMSNorm(cfg.rms_norm_eps, pd, name="mlp_norm")(x_BTD)
+    return x_BTD + MLP(cfg, name="mlp")(h), kv
+
+
+def causal_segment_mask(segment_ids_BT: Optional[jax.Array], T: int) -> jax.Array:
+  """bool `[B|1, T, T]`: causal, within one segment, never onto segment 0 (padding)."""
+  causal_TT = jnp.tril(jnp.ones((T, T), jnp.bool_))
+  if segment_ids_BT is None:
+    return causal_TT[None]
+  same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return causal_TT[None] & same & (segment_ids_BT[:, None, :] != 0)
+
+
+class Transformer(nn.Module):
+  """Llama / Qwen2 decoder. See the module docstring for the two call forms."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = self.param(
+        "embed", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), pd)
+    self.layers = [Block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, pd)
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param(
+          "lm_head", nn.with_logical_partitioning(_kernel_init(), ("embed", "vocab")),
+          (cfg.hidden_size, cfg.vocab_size), pd)
+
+  def __call__(self, tokens_BT: jax.Array, *, positions_BT: Optional[jax.Array] = None,
+               segment_ids_BT: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+               last_only: bool = False):
+    """Logits float32 `[B, T, V]` (`[B, 1, V]` with `last_only`).
+
+    Args:
+      tokens_BT: int32 token ids.
+      positions_BT: RoPE positions; default 0..T-1 without a cache, or the
+        cache's per-row positions with one.
+      segment_ids_BT: packed-sequence ids (0 = padding) for the cache-free
+        path: attention stays causal and within a segment.
+      cache: a `KVCache`; the new tokens are written at `cache.index` and the
+        updated cache is returned as the second output.
+      last_only: compute the LM head for the last position only (prefill).
+    """
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    if cache is None:
+      mask_BTS = causal_segment_mask(segment_ids_BT, T)
+      if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    else:
+      if segment_ids_BT is not None:
+        raise ValueError("segment_ids_BT is only supported without a KV cache")
+      if T > cache.length:
+        raise ValueError(f"{T} new tokens do not fit in a KV cache of {cache.length} slots")
+      mask_BTS = cache.key_mask(T)
+      if positions_BT is None:
+        positions_BT = cache.positions(T)
+
+    x_BTD = jnp.take(jnp.asarray(self.embed, cfg.compute_dtype), tokens_BT, axis=0)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+      x_BTD, (k, v) = layer(x_BTD, positions_BT, mask_BTS, cache_kv,
+                            None if cache is None else cache.index)
+      new_k.append(k)
+      new_v.append(v)
+    x_BTD = self.final_norm(x_BTD)
+    if last_only:
+      x_BTD = x_BTD[:, -1:, :]
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x_BTD, jnp.asarray(self.embed, x_BTD.dtype))
+    else:
+      logits = x_BTD @ jnp.asarray(self.lm_head, x_BTD.dtype)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits
+    return logits, cache.replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + T)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Random parameters (plain arrays, logical-axis boxes removed)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  # Jitted: eager init dispatches (and compiles) every initializer separately.
+  init = jax.jit(lambda r: nn.unbox(Transformer(cfg).init(r, tokens)["params"]))
+  return init(rng)
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+  """A pytree like the params whose leaves are `PartitionSpec`s of logical names."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens))
+  return nn.get_partition_spec(boxed)["params"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, start=None) -> KVCache:
+  """An empty cache for `cfg` in its compute dtype."""
+  return KVCache.init(cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_size,
+                      cfg.compute_dtype, start)

@@ -1,0 +1,213 @@
+"""Jitted prefill + `lax.while_loop` decode over an explicit KV cache.
+
+Axis legend: B batch (rows), P prompt slots, N new-token slots, V vocab.
+
+The sampler knows nothing about RL: it turns left-padded prompts into new
+tokens and their log-probs. `generate` is the list-in/list-out convenience
+API; `decode` is the array-level jitted function the rollout engine reuses.
+
+Static shapes: the batch, the prompt length and the number of new tokens are
+rounded up to buckets (powers of two), so repeated calls with prompts that
+fall in the same buckets reuse one compiled program. `max_new_tokens` and
+`eos_id` are traced values, so changing them within a bucket does not
+recompile either.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_jax.models.kv_cache import KVCache
+from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
+
+NO_EOS = -1  # eos id meaning "never stop early"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How one token is drawn from the logits (a jit static: changing it recompiles).
+
+  temperature: 0 means greedy (argmax).
+  top_k: keep the k most likely tokens (0 = off).
+  top_p: nucleus sampling mass (1.0 = off).
+  """
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+def sample_token(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig):
+  """Draw one token per row.
+
+  Returns `(token_B int32, logp_B float32)`, where `logp_B` is the token's
+  log-probability under softmax(logits / temperature) before top-k/top-p
+  truncation (under softmax(logits) when greedy), i.e. the policy's
+  probability at that temperature.
+  """
+  logits_BV = logits_BV.astype(jnp.float32)
+  if cfg.greedy:
+    token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  else:
+    scaled_BV = logits_BV / cfg.temperature
+    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+    masked_BV = scaled_BV
+    neg = jnp.finfo(jnp.float32).min
+    if cfg.top_k:
+      kth_B1 = jax.lax.top_k(scaled_BV, cfg.top_k)[0][:, -1:]
+      masked_BV = jnp.where(scaled_BV < kth_B1, neg, masked_BV)
+    if cfg.top_p < 1.0:
+      sorted_BV = jnp.sort(masked_BV, axis=-1)[:, ::-1]
+      probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+      # Keep a token while the mass strictly before it is below top_p, so the
+      # most likely token always survives.
+      mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+      keep_count_B = jnp.sum(mass_before_BV < cfg.top_p, axis=-1)
+      threshold_B1 = jnp.take_along_axis(sorted_BV, keep_count_B[:, None] - 1, axis=-1)
+      masked_BV = jnp.where(masked_BV < threshold_B1, neg, masked_BV)
+    token_B = jax.random.categorical(rng, masked_BV, axis=-1).astype(jnp.int32)
+  logp_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+  return token_B, logp_B
+
+
+def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache):
+  """Encode left-padded prompts into `cache`; returns (last logits `[B, V]`, cache)."""
+  logits_B1V, cache = model.apply({"params": params}, tokens_BP, cache=cache, last_only=True)
+  return logits_B1V[:, 0, :], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "new_slots"))
+def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax.Array,
+           eos_id: jax.Array, rng: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig,
+           new_slots: int):
+  """Prefill left-padded prompts, then decode up to `max_new_tokens` tokens.
+
+  Args:
+    params: model parameters.
+    tokens_BP: int32 left-padded prompts; row b's prompt occupies
+      `tokens_BP[b, start_B[b]:]`.
+    start_B: int32 first prompt slot of each row.
+    max_new_tokens: int32 scalar <= `new_slots`.
+    eos_id: int32 scalar; `NO_EOS` disables early stopping.
+    rng: PRNG key.
+    cfg, sampling, new_slots: static (model, sampling rule, output buffer size).
+
+  Returns:
+    tokens_BN int32 new tokens (0 after a row's eos), logp_BN float32 their
+    log-probs (0 after eos), num_new_B int32 tokens generated per row
+    (eos included).
+  """
+  B, P = tokens_BP.shape
+  model = Transformer(cfg)
+  cache = init_cache(cfg, B, P + new_slots, start=start_B)
+  logits_BV, cache = prefill(model, params, tokens_BP, cache)
+  rng, sub = jax.random.split(rng)
+  token_B, logp_B = sample_token(logits_BV, sub, sampling)
+  out_BN = jnp.zeros((B, new_slots), jnp.int32).at[:, 0].set(token_B)
+  logp_BN = jnp.zeros((B, new_slots), jnp.float32).at[:, 0].set(logp_B)
+  done_B = token_B == eos_id
+  num_new_B = jnp.ones((B,), jnp.int32)
+
+  def cond(carry):
+    i, _, _, _, _, done_B, _, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, token_B, out_BN, logp_BN, done_B, num_new_B, rng = carry
+    logits_B1V, cache = model.apply({"params": params}, token_B[:, None], cache=cache)
+    rng, sub = jax.random.split(rng)
+    token_B, logp_B = sample_token(logits_B1V[:, 0, :], sub, sampling)
+    token_B = jnp.where(done_B, 0, token_B)
+    logp_B = jnp.where(done_B, 0.0, logp_B)
+    out_BN = jax.lax.dynamic_update_slice(out_BN, token_B[:, None], (0, i))
+    logp_BN = jax.lax.dynamic_update_slice(logp_BN, logp_B[:, None], (0, i))
+    num_new_B = num_new_B + (~done_B).astype(jnp.int32)
+    done_B = done_B | (token_B == eos_id)
+    return i + 1, cache, token_B, out_BN, logp_BN, done_B, num_new_B, rng
+
+  carry = (jnp.ones((), jnp.int32), cache, token_B, out_BN, logp_BN, done_B, num_new_B, rng)
+  _, _, _, out_BN, logp_BN, _, num_new_B, _ = jax.lax.while_loop(cond, body, carry)
+  return out_BN, logp_BN, num_new_B
+
+
+def bucket(n: int, minimum: int = 8) -> int:
+  """Smallest power of two >= max(n, minimum): the static size used for n."""
+  size = minimum
+  while size < n:
+    size *= 2
+  return size
+
+
+def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: int = 0):
+  """Left-pad prompts into int32 `[rows, length]`; returns (tokens, start)."""
+  tokens = np.full((rows, length), pad_id, np.int32)
+  start = np.full((rows,), length - 1, np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, length - len(p):] = p
+    start[b] = length - len(p)
+  return tokens, start
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, seed: int = 0, eos_id: Optional[int] = None, *,
+             top_k: int = 0, top_p: float = 1.0, max_length: Optional[int] = None,
+             return_logprobs: bool = False):
+  """Generate continuations for a batch of token-id prompts.
+
+  Args:
+    cfg, params: the model.
+    prompts: list of non-empty token-id lists (any lengths).
+    max_new_tokens: tokens to generate per prompt (fewer if eos comes first).
+    temperature: 0 = greedy; otherwise sampling at this temperature.
+    seed: PRNG seed for sampling.
+    eos_id: stop a row after it emits this token (the eos is returned).
+    top_k, top_p: optional truncation of the sampling distribution.
+    max_length: limit on prompt + new tokens; default
+      `cfg.max_position_embeddings`. A longer request raises ValueError.
+    return_logprobs: also return each token's log-prob (see `sample_token`).
+
+  Returns:
+    A list of generated token-id lists, one per prompt (and a matching list of
+    log-prob lists when `return_logprobs`).
+  """
+  sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not prompts:
+    raise ValueError("generate() needs at least one prompt")
+  limit = cfg.max_position_embeddings if max_length is None else max_length
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    if len(p) + max_new_tokens > limit:
+      raise ValueError(
+          f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+          f"exceeds the maximum length {limit} (prompt + new tokens)")
+  rows = bucket(len(prompts), minimum=1)
+  tokens, start = left_pad(prompts, rows, bucket(max(len(p) for p in prompts)))
+  out, logp, num_new = decode(
+      params, tokens, start, np.int32(max_new_tokens),
+      np.int32(NO_EOS if eos_id is None else eos_id), jax.random.PRNGKey(seed),
+      cfg=cfg, sampling=sampling, new_slots=bucket(max_new_tokens))
+  out, logp, num_new = jax.device_get((out, logp, num_new))
+  seqs = [out[b, :num_new[b]].tolist() for b in range(len(prompts))]
+  if return_logprobs:
+    return seqs, [logp[b, :num_new[b]].tolist() for b in range(len(prompts))]
+  return seqs
