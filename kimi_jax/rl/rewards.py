@@ -1,0 +1,227 @@
+"""Rewards on the host: verifier calls, length penalty, final reward.
+
+Axis legend: G prompts (groups), K samples per prompt, B flat batch.
+
+Everything here is numpy: verifiers run on the host, and the result is a
+`[G, K]` float32 array that goes into the train batch. Pipeline:
+
+  task_B, errors = apply_verifier(verify, records, responses)   # never raises
+  total_GK = total_reward(task_B.reshape(G, K), lengths_GK, finish_GK,
+                          iteration, cfg)
+
+The group baseline (mean of the K final rewards) is taken later, from
+`total_GK`, by `losses.group_baseline`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from kimi_jax.sampling.finish import FinishReason, TRUNCATED, as_finish_codes
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """How the final reward is assembled (report §2.3.3, impl. notes 6 and 8).
+
+  length_penalty_weight: w_len >= 0, weight of the length reward once on
+    (toy 0.2; the report gives no value).
+  length_penalty_start: first iteration with the length reward on (warm-up:
+    weight 0 before it; e.g. ~25% of total_iterations). 0 = on from the
+    start (long2short RL).
+  truncated_reward: task reward given to responses cut before a natural stop
+    (finish BUDGET, MAX_LENGTH, MAX_AGE or REPEAT): they are scored as having
+    no answer. None keeps the verifier's score for them.
+  repeat_penalty: >= 0, subtracted (on top) from responses stopped by the
+    repeat detector (toy 0.5).
+  correct_threshold: a (effective) task reward >= this counts as correct for
+    the length penalty (task rewards are in {0, 1} in the report).
+  """
+  length_penalty_weight: float = 0.0
+  length_penalty_start: int = 0
+  truncated_reward: Optional[float] = 0.0
+  repeat_penalty: float = 0.0
+  correct_threshold: float = 1.0
+
+  def __post_init__(self):
+    _check_number("length_penalty_weight", self.length_penalty_weight, lo=0.0)
+    if (not isinstance(self.length_penalty_start, numbers.Integral)
+        or isinstance(self.length_penalty_start, bool)
+        or self.length_penalty_start < 0):
+      raise ValueError("RewardConfig.length_penalty_start must be an int >= 0, "
+                       f"got {self.length_penalty_start!r}")
+    if self.truncated_reward is not None:
+      _check_number("truncated_reward", self.truncated_reward)
+    _check_number("repeat_penalty", self.repeat_penalty, lo=0.0)
+    _check_number("correct_threshold", self.correct_threshold)
+
+
+def _check_number(field: str, value: Any, lo: Optional[float] = None) -> None:
+  ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+        and math.isfinite(value))
+  if ok and lo is not None:
+    ok = value >= lo
+  if not ok:
+    bound = f" >= {lo}" if lo is not None else ""
+    raise ValueError(f"RewardConfig.{field} must be a finite number{bound}, "
+                     f"got {value!r}")
+
+
+# ------------------------------------------------------------ length penalty
+
+
+def length_penalty(lengths_GK, correct_GK) -> np.ndarray:
+  """Length reward of report §2.3.3, per group of K samples. float32 [G, K].
+
+  lambda_i = 0.5 - (len_i - min_len) / (max_len - min_len), min/max over the
+  sample's group; all 0 for a group whose lengths are all equal. A correct
+  sample gets lambda_i, a wrong one min(0, lambda_i) (short wrong answers are
+  not rewarded). Values lie in [-0.5, 0.5].
+  """
+  lengths_GK = np.asarray(lengths_GK, np.float64)
+  correct_GK = np.asarray(correct_GK, bool)
+  if lengths_GK.ndim != 2 or lengths_GK.shape[1] == 0:
+    raise ValueError(f"lengths_GK must be [G, K] with K >= 1, got shape "
+                     f"{lengths_GK.shape}")
+  if correct_GK.shape != lengths_GK.shape:
+    raise ValueError(f"correct_GK has shape {correct_GK.shape} but lengths_GK "
+                     f"has shape {lengths_GK.shape}")
+  if not np.all(np.isfinite(lengths_GK)) or np.any(lengths_GK < 0):
+    raise ValueError("lengths_GK must be finite and >= 0")
+  min_G1 = lengths_GK.min(axis=1, keepdims=True)
+  span_G1 = lengths_GK.max(axis=1, keepdims=True) - min_G1
+  safe_span_G1 = np.where(span_G1 > 0, span_G1, 1.0)
+  lam_GK = np.where(span_G1 > 0, 0.5 - (lengths_GK - min_G1) / safe_span_G1,
+                    0.0)
+  return np.where(correct_GK, lam_GK, np.minimum(0.0, lam_GK)).astype(
+      np.float32)
+
+
+def length_penalty_weight(iteration: int, cfg: RewardConfig) -> float:
+  """Warm-up schedule: 0 before `cfg.length_penalty_start`, then constant."""
+  if iteration < cfg.length_penalty_start:
+    return 0.0
+  return float(cfg.length_penalty_weight)
+
+
+# -------------------------------------------------------------- final reward
+
+
+def total_reward(task_reward_GK, lengths_GK, finish_reason_GK, iteration: int,
+                 cfg: RewardConfig, *, return_parts: bool = False):
+  """Final reward float32 [G, K] = task' + w_len(iteration) * len_reward
+  - repeat_penalty * [finish == REPEAT].
+
+  task_reward_GK: verifier scores (e.g. in {0, 1}).
+  lengths_GK: response lengths in tokens (all segments).
+  finish_reason_GK: `FinishReason` codes or names; must be final (RUNNING is
+    an error: an unfinished trajectory cannot be scored).
+  task' is the task reward with truncated / repeat-stopped responses replaced
+  by `cfg.truncated_reward` (unless None); correctness for the length penalty
+  is task' >= cfg.correct_threshold.
+
+  Returns total_GK, or (total_GK, parts) with parts a dict of float32 [G, K]
+  arrays 'task', 'length', 'repeat' and the scalar 'length_weight'.
+  """
+  task_GK = np.asarray(task_reward_GK, np.float64)
+  if task_GK.ndim != 2:
+    raise ValueError(f"task_reward_GK must be [G, K], got shape "
+                     f"{task_GK.shape}")
+  finish_GK = as_finish_codes(finish_reason_GK)
+  if finish_GK.shape != task_GK.shape:
+    raise ValueError(f"finish_reason_GK has shape {finish_GK.shape} but "
+                     f"task_reward_GK has shape {task_GK.shape}")
+  if np.any(finish_GK == FinishReason.RUNNING):
+    raise ValueError("total_reward: some trajectories are still RUNNING; "
+                     "only finished groups can be scored")
+  if not np.all(np.isfinite(task_GK)):
+    raise ValueError("task_reward_GK must be finite (apply_verifier maps "
+                     "verifier failures to 0)")
+  repeat_GK = finish_GK == FinishReason.REPEAT
+  cut_GK = np.isin(finish_GK, [int(r) for r in TRUNCATED]) | repeat_GK
+  if cfg.truncated_reward is not None:
+    task_GK = np.where(cut_GK, float(cfg.truncated_reward), task_GK)
+  correct_GK = task_GK >= cfg.correct_threshold
+  length_GK = length_penalty(lengths_GK, correct_GK).astype(np.float64)
+  if length_GK.shape != task_GK.shape:
+    raise ValueError(f"lengths_GK has shape {length_GK.shape} but "
+                     f"task_reward_GK has shape {task_GK.shape}")
+  weight = length_penalty_weight(iteration, cfg)
+  repeat_pen_GK = -float(cfg.repeat_penalty) * repeat_GK
+  total_GK = (task_GK + weight * length_GK + repeat_pen_GK).astype(np.float32)
+  if not return_parts:
+    return total_GK
+  parts = {
+      "task": task_GK.astype(np.float32),
+      "length": length_GK.astype(np.float32),
+      "repeat": repeat_pen_GK.astype(np.float32),
+      "length_weight": weight,
+  }
+  return total_GK, parts
+
+
+# ---------------------------------------------------------------- verifiers
+
+
+class VerifierOutcome(NamedTuple):
+  """rewards: float32 [B]; errors: reason -> count (empty when all fine)."""
+  rewards: np.ndarray
+  errors: dict
+
+
+Verifier = Callable[[Mapping[str, Any], str], float]
+
+
+def apply_verifier(verifier: Verifier, prompt_records: Sequence[Any],
+                   responses: Sequence[str], *,
+                   max_logged_per_reason: int = 3) -> VerifierOutcome:
+  """Scores B responses with `verifier(prompt_record, response_text)`.
+
+  Never raises because of the verifier: an exception, a non-numeric result
+  (anything but a real number or bool) or a non-finite number becomes
+  reward 0 and is counted under a reason ('exception:<Type>', 'non_numeric',
+  'non_finite'); the first `max_logged_per_reason` of each reason per call
+  are logged with their index and message. Only KeyboardInterrupt passes
+  through. A length mismatch between records and responses is the caller's
+  bug and raises ValueError.
+  """
+  if len(prompt_records) != len(responses):
+    raise ValueError(f"apply_verifier: {len(prompt_records)} prompt records "
+                     f"but {len(responses)} responses")
+  rewards_B = np.zeros(len(responses), np.float32)
+  errors = collections.Counter()
+
+  def fail(reason: str, i: int, detail: str) -> None:
+    errors[reason] += 1
+    if errors[reason] <= max_logged_per_reason:
+      record = prompt_records[i]
+      pid = record.get("id") if isinstance(record, Mapping) else None
+      _LOG.warning("verifier failed on sample %d (prompt id %r): %s: %s", i,
+                   pid, reason, detail)
+
+  for i, (record, response) in enumerate(zip(prompt_records, responses)):
+    try:
+      value = verifier(record, response)
+    except KeyboardInterrupt:
+      raise
+    except BaseException as e:  # pylint: disable=broad-except
+      # BaseException: a verifier calling sys.exit must not end the trainer.
+      fail(f"exception:{type(e).__name__}", i, repr(e)[:500])
+      continue
+    if not isinstance(value, (numbers.Real, np.bool_)):
+      fail("non_numeric", i, f"returned {type(value).__name__}")
+      continue
+    value = float(value)
+    if not math.isfinite(value):
+      fail("non_finite", i, f"returned {value}")
+      continue
+    rewards_B[i] = value
+  return VerifierOutcome(rewards_B, dict(errors))
