@@ -1,0 +1,130 @@
+"""Rollout segment tests: carry-over equivalence, finish reasons, repeat stop."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_jax.models.transformer import ModelConfig, init_params
+from kimi_jax.sampling.finish import FinishReason
+from kimi_jax.sampling.repetition import RepeatConfig
+from kimi_jax.sampling.sampler import SamplingConfig, generate
+from kimi_jax.sampling.segment import SegmentSampler
+from kimi_jax.sampling.state import RolloutState
+
+CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2, max_position_embeddings=128)
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
+RUNNING, BUDGET = int(FinishReason.RUNNING), int(FinishReason.BUDGET)
+
+
+def make_state(prompts, max_length=64):
+  st = RolloutState.empty(len(prompts), max_length)
+  tokens, length = st.tokens_BL.copy(), st.length_B.copy()
+  for b, p in enumerate(prompts):
+    tokens[b, :len(p)] = p
+    length[b] = len(p)
+  return st.replace(tokens_BL=tokens, length_B=length, prompt_len_B=length.copy(),
+                    active_B=np.ones(len(prompts), bool))
+
+
+def resume(state):
+  """What the scheduler does to a carried row: mark it running again."""
+  return state.replace(finish_B=np.where(state.finish_B == BUDGET, RUNNING, state.finish_B)
+                       .astype(np.int32))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(CFG, jax.random.PRNGKey(0))
+
+
+def test_three_segments_equal_one_long_segment(params):
+  engine = SegmentSampler(CFG, SamplingConfig(), RepeatConfig(), eos_id=None, budget_slots=32)
+  state = make_state(PROMPTS)
+  one, steps = engine(params, state, 24, 0, jax.random.PRNGKey(1))
+  assert steps == 24 and (one.finish_B == BUDGET).all()
+  three = state
+  for it in range(3):
+    three, steps = engine(params, three, 8, it, jax.random.PRNGKey(1))
+    assert steps == 8
+    three = resume(three)
+  np.testing.assert_array_equal(one.tokens_BL, three.tokens_BL)
+  np.testing.assert_allclose(one.logp_BL, three.logp_BL, atol=1e-5)
+  # Same tokens as the plain sampler, and each token knows its iteration.
+  for b, (p, g) in enumerate(zip(PROMPTS, generate(CFG, params, PROMPTS, 24))):
+    assert one.tokens_BL[b, len(p):len(p) + 24].tolist() == g
+    assert three.token_iter_BL[b, :len(p)].tolist() == [-1] * len(p)
+    assert three.token_iter_BL[b, len(p):len(p) + 24].tolist() == [0] * 8 + [1] * 8 + [2] * 8
+
+
+def test_finish_reasons_eos_max_length_and_untouched_rows(params):
+  free = generate(CFG, params, PROMPTS, 10)
+  eos = free[0][4]
+  engine = SegmentSampler(CFG, SamplingConfig(), RepeatConfig(), eos_id=eos, budget_slots=16)
+  state = make_state(PROMPTS, max_length=12)
+  state = state.replace(active_B=np.array([True, True, True, False]))
+  out, _ = engine(params, state, 16, 3, jax.random.PRNGKey(0))
+  assert out.finish_B[0] == int(FinishReason.EOS)
+  assert out.tokens_BL[0, 3:out.length_B[0]].tolist() == free[0][:5]
+  assert out.finish_B[1] in (int(FinishReason.EOS), int(FinishReason.MAX_LENGTH))
+  if out.finish_B[1] == int(FinishReason.MAX_LENGTH):
+    assert out.length_B[1] == 12
+  assert out.finish_B[3] == RUNNING and out.length_B[3] == 2  # inactive: untouched
+  np.testing.assert_array_equal(out.tokens_BL[3], state.tokens_BL[3])
+
+
+def cycling_params(period, vocab=64):
+  """A model whose greedy next token is (token + 1) % period, whatever the context.
+
+  Attention and MLP outputs are zeroed, so the residual stream is the token
+  embedding; a one-hot embedding and a shifted-identity head make the cycle.
+  """
+  cfg = ModelConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=8, num_layers=1,
+                    num_heads=2, num_kv_heads=1, max_position_embeddings=256)
+  p = jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(0)))
+  p["layers_0"]["attn"]["o"] = np.zeros_like(p["layers_0"]["attn"]["o"])
+  p["layers_0"]["mlp"]["down"] = np.zeros_like(p["layers_0"]["mlp"]["down"])
+  p["embed"] = np.eye(vocab, dtype=np.float32)
+  head = np.zeros((vocab, vocab), np.float32)
+  for t in range(vocab):
+    head[t, (t + 1) % period] = 10.0
+  p["lm_head"] = head
+  return cfg, p
+
+
+def test_repeat_detector_stops_a_looping_model_within_its_window():
+  cfg, p = cycling_params(period=3)
+  repeat = RepeatConfig(max_period=8, min_repeats=4, min_span=12)
+  engine = SegmentSampler(cfg, SamplingConfig(), repeat, eos_id=None, budget_slots=64)
+  state = make_state([[0], [1, 2]], max_length=128)
+  out, _ = engine(p, state, 64, 0, jax.random.PRNGKey(0))
+  assert (out.finish_B == int(FinishReason.REPEAT)).all()
+  # The response is periodic from its first token: it stops exactly when the
+  # window (period 3 * 4 repeats = 12 tokens) is filled.
+  np.testing.assert_array_equal(out.length_B - out.prompt_len_B, [12, 12])
+  assert out.tokens_BL[0, 1:13].tolist() == [1, 2, 0] * 4
+
+
+def test_repeat_detector_leaves_non_repeating_output_alone():
+  cfg, p = cycling_params(period=50)  # 40 tokens of a period-50 cycle never repeat
+  engine = SegmentSampler(cfg, SamplingConfig(), RepeatConfig(max_period=16, min_repeats=2,
+                                                              min_span=4),
+                          eos_id=None, budget_slots=64)
+  out, _ = engine(p, make_state([[0]], max_length=128), 40, 0, jax.random.PRNGKey(0))
+  assert out.finish_B[0] == BUDGET and out.length_B[0] == 41
+
+
+def test_repeat_detector_ignores_periodic_prompts():
+  cfg, p = cycling_params(period=50)
+  engine = SegmentSampler(cfg, SamplingConfig(), RepeatConfig(max_period=4, min_repeats=2,
+                                                              min_span=4),
+                          eos_id=None, budget_slots=8)
+  out, _ = engine(p, make_state([[7, 7, 7, 7, 7, 7, 7, 7, 0]], max_length=64), 3, 0,
+                  jax.random.PRNGKey(0))
+  assert out.finish_B[0] == BUDGET
+
+
+def test_budget_is_validated(params):
+  engine = SegmentSampler(CFG, SamplingConfig(), RepeatConfig(), eos_id=None, budget_slots=8)
+  with pytest.raises(ValueError, match="budget 9 outside"):
+    engine(params, make_state(PROMPTS), 9, 0, jax.random.PRNGKey(0))
