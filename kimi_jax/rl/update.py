@@ -1,0 +1,207 @@
+"""The RL training phase: reference log-probs, then pure jitted update steps.
+
+Axis legend: N samples in the iteration's batch (padded to a static size),
+M microbatches, n samples per microbatch (N = M * n), T sequence length.
+
+One iteration of k1.5 (method spec §1): the policy at the start of the
+iteration, pi_theta_i, is the reference. `ref_logprobs` scores every sample
+under it once; `train_step` then takes one optimizer step on a minibatch,
+accumulating gradients over microbatches. The optimizer state is re-created
+at every iteration start (`init_opt_state`), as the report does, because each
+iteration solves a new mirror-descent problem.
+
+Token alignment: `logp_NT[:, t] = log pi(tokens[t] | tokens[<t])` for t >= 1
+and 0 at t = 0, so a mask over response TOKENS selects their log-probs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from kimi_jax.models.transformer import ModelConfig, Transformer
+from kimi_jax.rl import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  """Optimizer and batching of the RL update.
+
+  learning_rate: peak AdamW learning rate; the per-iteration value comes from
+    `learning_rate_at` (linear warm-up over `warmup_iterations`, then constant).
+  microbatch_size: samples per forward/backward pass (memory bound); the
+    minibatch size must be a multiple of it.
+  """
+  learning_rate: float = 1e-4
+  warmup_iterations: int = 0
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  microbatch_size: int = 16
+
+  def __post_init__(self):
+    if not self.learning_rate > 0:
+      raise ValueError(f"UpdateConfig.learning_rate must be > 0, got {self.learning_rate}")
+    if self.microbatch_size < 1:
+      raise ValueError(f"UpdateConfig.microbatch_size must be >= 1, got {self.microbatch_size}")
+    if self.warmup_iterations < 0:
+      raise ValueError(f"UpdateConfig.warmup_iterations must be >= 0, got {self.warmup_iterations}")
+    if self.clip_norm <= 0:
+      raise ValueError(f"UpdateConfig.clip_norm must be > 0, got {self.clip_norm}")
+
+  def learning_rate_at(self, iteration: int) -> float:
+    if self.warmup_iterations and iteration < self.warmup_iterations:
+      return self.learning_rate * (iteration + 1) / self.warmup_iterations
+    return self.learning_rate
+
+
+def make_optimizer(cfg: UpdateConfig) -> optax.GradientTransformation:
+  """AdamW after global-norm clipping; the learning rate is a hyperparameter
+  set per iteration, and non-finite updates are skipped (and counted)."""
+  adamw = optax.inject_hyperparams(optax.adamw)(
+      learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw),
+                               max_consecutive_errors=1_000_000)
+
+
+def set_learning_rate(opt_state, lr: float):
+  """Return opt_state with the AdamW learning rate replaced (no recompile)."""
+  inner = opt_state.inner_state
+  adam_state = inner[1]
+  hyper = dict(adam_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
+  return opt_state._replace(inner_state=(inner[0], adam_state._replace(hyperparams=hyper)))
+
+
+def token_logprobs(cfg: ModelConfig, params, tokens_NT: jax.Array) -> jax.Array:
+  """float32 `[N, T]`: log-prob of each token given the ones before it (0 at t=0)."""
+  logits_NTV = Transformer(cfg).apply({"params": params}, tokens_NT)
+  logp_NTV = jax.nn.log_softmax(logits_NTV[:, :-1], axis=-1)
+  picked = jnp.take_along_axis(logp_NTV, tokens_NT[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(picked, ((0, 0), (1, 0)))
+
+
+def _microbatches(x, n):
+  """[N, ...] -> [N // n, n, ...]."""
+  return x.reshape((x.shape[0] // n, n) + x.shape[1:])
+
+
+def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int):
+  """Jitted `(params, tokens_NT) -> logp_NT`, microbatched to bound memory."""
+
+  @jax.jit
+  def ref_logprobs(params, tokens_NT):
+    mb = _microbatches(tokens_NT, microbatch_size)
+    out = jax.lax.map(lambda t: token_logprobs(cfg, params, t), mb)
+    return out.reshape(tokens_NT.shape)
+
+  return ref_logprobs
+
+
+@flax.struct.dataclass
+class Batch:
+  """One minibatch (static shapes; padded samples have sample_mask 0).
+
+  tokens_NT int32, mask_NT float32 (tokens that enter the loss),
+  ref_logp_NT float32 (iteration-start policy), rewards_N / baseline_N /
+  advantages_N float32, sample_mask_N float32.
+  """
+  tokens_NT: jax.Array
+  mask_NT: jax.Array
+  ref_logp_NT: jax.Array
+  rewards_N: jax.Array
+  baseline_N: jax.Array
+  advantages_N: jax.Array
+  sample_mask_N: jax.Array
+
+
+def sample_loss(loss_cfg: losses.LossConfig, logp_NT, b: Batch):
+  """The configured policy loss and its diagnostics for one microbatch."""
+  if loss_cfg.algorithm == "k15":
+    return losses.k15_loss(logp_NT, b.ref_logp_NT, b.mask_NT, b.rewards_N, b.baseline_N,
+                           loss_cfg.tau, form=loss_cfg.form,
+                           normalisation=loss_cfg.normalisation,
+                           sample_mask=b.sample_mask_N, return_aux=True)
+  if loss_cfg.algorithm == "rest":
+    return losses.rest_loss(logp_NT, b.mask_NT, b.rewards_N, threshold=loss_cfg.rest_threshold,
+                            normalisation=loss_cfg.normalisation,
+                            sample_mask=b.sample_mask_N, return_aux=True)
+  return losses.ppo_clip_loss(
+      logp_NT, b.ref_logp_NT, b.mask_NT, b.advantages_N, clip_eps=loss_cfg.clip_eps,
+      clip_eps_high=loss_cfg.clip_eps_high, normalisation=loss_cfg.normalisation,
+      ref_logp=b.ref_logp_NT if loss_cfg.kl_coef > 0 else None, kl_coef=loss_cfg.kl_coef,
+      sample_mask=b.sample_mask_N, return_aux=True)
+
+
+def loss_weights(loss_cfg: losses.LossConfig, b: Batch) -> jax.Array:
+  """float32 `[N]`: the samples each loss averages over (its denominator).
+
+  ReST averages over the selected (positive) samples only; the others over
+  every valid sample. Microbatch gradients are weighted by these counts.
+  """
+  if loss_cfg.algorithm == "rest":
+    return b.sample_mask_N * (b.rewards_N > loss_cfg.rest_threshold).astype(jnp.float32)
+  return b.sample_mask_N
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: Any
+  opt_state: Any
+  step: jax.Array  # int32 optimizer steps taken (all iterations)
+  skipped: jax.Array  # int32 non-finite updates skipped (all iterations)
+
+
+def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: UpdateConfig,
+                    optimizer: optax.GradientTransformation):
+  """Returns a jitted `train_step(state, batch) -> (state, metrics)`.
+
+  The minibatch's samples are split into microbatches of
+  `update_cfg.microbatch_size`; each microbatch's loss is a mean over its
+  valid samples, and microbatch gradients are weighted by their share of the
+  valid samples, so the accumulated gradient is that of the mean over the
+  whole minibatch. The state is donated.
+  """
+  n = update_cfg.microbatch_size
+
+  def micro_loss(params, b: Batch):
+    logp_NT = token_logprobs(cfg, params, b.tokens_NT)
+    loss, aux = sample_loss(loss_cfg, logp_NT, b)
+    return loss, aux
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    N = batch.tokens_NT.shape[0]
+    if N % n:
+      raise ValueError(f"minibatch of {N} samples is not a multiple of microbatch_size {n}")
+    mbs = jax.tree.map(lambda x: _microbatches(x, n), batch)
+    total = jnp.maximum(jnp.sum(loss_weights(loss_cfg, batch)), 1.0)
+
+    def accumulate(carry, mb):
+      grads, loss_sum, aux_sum = carry
+      (loss, aux), g = grad_fn(state.params, mb)
+      w = jnp.sum(loss_weights(loss_cfg, mb)) / total
+      grads = jax.tree.map(lambda a, x: a + w * x, grads, g)
+      aux_sum = jax.tree.map(lambda a, x: a + w * x, aux_sum, aux)
+      return (grads, loss_sum + w * loss, aux_sum), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    first = jax.tree.map(lambda x: x[0], mbs)
+    aux_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_loss, state.params, first)[1])
+    (grads, loss, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), aux_zero), mbs)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = opt_state.last_finite
+    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+               "train/update_finite": finite.astype(jnp.float32)}
+    metrics.update({f"train/{k}": v for k, v in aux.items()})
+    new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
+                           skipped=state.skipped + (~finite).astype(jnp.int32))
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
