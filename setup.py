@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0",
     "absl-py>=2.0",
     "clu>=0.0.12",
+    "tensorboard>=2.16",  # clu.metric_writers needs it for event files
     "numpy>=1.26",
     "safetensors>=0.4",
     "tokenizers>=0.19",

@@ -1,0 +1,264 @@
+"""Checkpoints: params, optimizer state and host state in one orbax step.
+
+One step directory `<directory>/<step>/` holds three items:
+  params     device arrays (orbax StandardSave: OCDBT + zarr, sharding aware)
+  opt_state  optax state (namedtuples round-trip through the restore target)
+  host       JSON: scheduler / prompt-sampler `state_dict()`s, RNG key data
+             as ints, data position, config snapshot, ... (JsonSave)
+
+Resume is "restore the newest readable step, else init": `restore_or_none`.
+Orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it when
+complete, so a run killed mid-save leaves no step that looks finished. A step
+that is finished but unreadable (truncated file, broken JSON) is skipped with
+a warning and the next older one is tried. Skipped steps are then renamed to
+`<step>.corrupt` (never deleted) so that orbax, which refuses to save a step
+<= its latest, can save those step numbers again. A checkpoint that reads
+fine but does not fit the targets (model config changed) is an error, not
+corruption: nothing is skipped or renamed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Optional
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+_MAX_ERR_CHARS = 400  # tensorstore errors embed whole JSON specs
+
+
+class Restored(NamedTuple):
+  step: int
+  params: PyTree
+  opt_state: PyTree
+  host_state: dict
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint is readable but does not fit the given targets."""
+
+
+class Checkpointer:
+  """Small orbax wrapper: save one step, restore the newest readable one.
+
+  Args:
+    directory: where step directories live (created if missing; its parent
+      must exist).
+    keep: number of most recent steps kept (orbax `max_to_keep`); None keeps
+      all.
+    async_save: save in a background thread; call `wait_until_finished()`
+      before reading the files. Off by default: a synchronous save has
+      finished (renamed into place) when `save` returns.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: Optional[int] = 3,
+               async_save: bool = False):
+    self.directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(self.directory)
+    if not os.path.isdir(parent):
+      raise FileNotFoundError(
+          f"checkpoint directory {self.directory}: parent directory {parent} "
+          "does not exist")
+    if keep is not None and keep < 1:
+      raise ValueError(f"Checkpointer: keep must be >= 1 or None, got {keep}")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, save_interval_steps=1,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"params": ocp.StandardCheckpointHandler(),
+                       "opt_state": ocp.StandardCheckpointHandler(),
+                       "host": ocp.JsonCheckpointHandler()})
+
+  # ------------------------------------------------------------------ save
+
+  def save(self, step: int, *, params: PyTree, opt_state: PyTree,
+           host_state: dict) -> None:
+    """Writes one step. `step` must be newer than every existing step."""
+    step = int(step)
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      # Orbax would silently skip this save; a lost checkpoint is worse.
+      raise ValueError(f"checkpoint step {step} in {self.directory}: a step "
+                       f">= it already exists (latest {latest})")
+    host = _to_json(host_state, "host_state")
+    saved = self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        host=ocp.args.JsonSave(host)))
+    if not saved:
+      raise RuntimeError(f"orbax refused to save step {step} in "
+                         f"{self.directory}")
+    logging.info("saved checkpoint step %d in %s", step, self.directory)
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  # --------------------------------------------------------------- restore
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def restore(self, step: Optional[int] = None, *, params_like: PyTree,
+              opt_state_like: PyTree) -> Restored:
+    """Restores `step`, or the newest readable step when `step` is None.
+
+    `params_like` / `opt_state_like` give structure, shapes, dtypes and
+    shardings: concrete arrays, `jax.eval_shape` output or ShapeDtypeStruct
+    trees (with `sharding=` set, arrays come back laid out that way across
+    devices; without, on the default device). Raises FileNotFoundError when
+    there is nothing to restore, CheckpointMismatchError when the
+    checkpoint's arrays do not fit the targets.
+    """
+    self.wait_until_finished()
+    targets = (_abstract(params_like), _abstract(opt_state_like))
+    if step is not None:
+      return self._restore_step(int(step), *targets)
+    restored = self._restore_newest(*targets)
+    if restored is None:
+      raise FileNotFoundError(f"no restorable checkpoint in {self.directory}")
+    return restored
+
+  def restore_or_none(self, *, params_like: PyTree,
+                      opt_state_like: PyTree) -> Optional[Restored]:
+    """The single resume point: the newest readable step, or None to init."""
+    self.wait_until_finished()
+    return self._restore_newest(_abstract(params_like),
+                                _abstract(opt_state_like))
+
+  def _restore_step(self, step: int, params_abs: PyTree,
+                    opt_abs: PyTree) -> Restored:
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(params_abs),
+          opt_state=ocp.args.StandardRestore(opt_abs),
+          host=ocp.args.JsonRestore()))
+    except Exception as e:
+      mismatch = self._mismatch(step, params_abs, opt_abs)
+      if mismatch:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} does not fit the "
+            f"current model / optimizer: {mismatch}") from e
+      raise
+    return Restored(step, out["params"], out["opt_state"], out["host"])
+
+  def _restore_newest(self, params_abs: PyTree,
+                      opt_abs: PyTree) -> Optional[Restored]:
+    self._manager.reload()
+    unreadable = []
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self._restore_step(step, params_abs, opt_abs)
+      except CheckpointMismatchError:
+        raise  # every older step would fail the same way: not corruption
+      except Exception as e:  # any read error means "this step is broken"
+        logging.warning(
+            "checkpoint step %d in %s is unreadable (%s); trying an older "
+            "step", step, self.directory, _short(e))
+        unreadable.append(step)
+        continue
+      self._quarantine(unreadable)
+      logging.info("restored checkpoint step %d from %s", step, self.directory)
+      return restored
+    if unreadable:
+      logging.warning("no readable checkpoint in %s (unreadable steps %s); "
+                      "starting from scratch", self.directory, unreadable)
+      self._quarantine(unreadable)
+    return None
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Renames unreadable steps out of orbax's view, keeping every file."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        dst, n = src + ".corrupt", 1
+        while os.path.exists(dst):
+          dst, n = f"{src}.corrupt.{n}", n + 1
+        os.rename(src, dst)
+        logging.warning("moved unreadable checkpoint step %d to %s (kept for "
+                        "inspection)", step, dst)
+    ocp.multihost.sync_global_processes("kimi_jax_checkpoint_quarantine")
+    self._manager.reload()
+
+  def _mismatch(self, step: int, params_abs: PyTree, opt_abs: PyTree) -> str:
+    """Names array paths whose shapes differ on disk; '' if none or unknown."""
+    try:
+      meta = self._manager.item_metadata(step)
+      problems = []
+      for name, target in (("params", params_abs), ("opt_state", opt_abs)):
+        on_disk = {m.name: tuple(m.shape)
+                   for m in jax.tree.leaves(meta[name].tree)}
+        names = ocp.tree.get_param_names(target, include_empty_nodes=False)
+        wanted = {n: tuple(x.shape) for n, x in zip(
+            jax.tree.leaves(names), jax.tree.leaves(target))}
+        for key in sorted(set(on_disk) | set(wanted)):
+          if on_disk.get(key) != wanted.get(key):
+            problems.append(f"{name}/{key}: checkpoint {on_disk.get(key)} vs "
+                            f"target {wanted.get(key)}")
+    except Exception:  # unreadable metadata is corruption, not a mismatch
+      return ""
+    more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+    return "; ".join(problems[:5]) + more
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  """Arrays -> ShapeDtypeStruct keeping their sharding; others as given."""
+  def leaf(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+  return jax.tree.map(leaf, tree)
+
+
+def _to_json(x: Any, path: str) -> Any:
+  """Plain JSON values; numpy values become Python, tuples lists.
+
+  Raises TypeError naming the path of anything that would not round-trip
+  exactly (non-string dict keys, arbitrary objects).
+  """
+  if isinstance(x, dict):
+    out = {}
+    for k, v in x.items():
+      if not isinstance(k, str):
+        raise TypeError(f"{path}: dict key {k!r} is not a str (JSON would "
+                        "turn it into one)")
+      out[k] = _to_json(v, f"{path}[{k!r}]")
+    return out
+  if isinstance(x, (list, tuple)):
+    return [_to_json(v, f"{path}[{i}]") for i, v in enumerate(x)]
+  if isinstance(x, np.ndarray):
+    return _to_json(x.tolist(), path)
+  if isinstance(x, np.generic):
+    return x.item()
+  if x is None or isinstance(x, (bool, int, str)):
+    return x
+  if isinstance(x, float):
+    return x  # NaN / inf are written as the NaN / Infinity JSON extensions
+  raise TypeError(f"{path}: {type(x).__name__} is not JSON-able")
+
+
+def _short(e: BaseException) -> str:
+  text = f"{type(e).__name__}: {e}"
+  if len(text) > _MAX_ERR_CHARS:
+    text = text[:_MAX_ERR_CHARS] + "..."
+  return text
