@@ -118,3 +118,17 @@ def test_bad_config_values():
     UpdateConfig(microbatch_size=0)
   with pytest.raises(ValueError, match="learning_rate"):
     UpdateConfig(learning_rate=-1.0)
+
+
+def test_first_step_reference_from_current_params_matches_explicit_reference(params):
+  batch = make_batch(params)
+  ucfg = UpdateConfig(microbatch_size=4)
+  opt = make_optimizer(ucfg)
+  step = make_train_step(CFG, losses.LossConfig(tau=0.5), ucfg, opt)
+  explicit, m1 = step(fresh_state(jax.tree.map(jnp.copy, params), opt), batch)
+  fused, m2 = step(fresh_state(jax.tree.map(jnp.copy, params), opt),
+                   batch.replace(ref_logp_NT=jnp.zeros_like(batch.ref_logp_NT)),
+                   ref_is_current=True)
+  np.testing.assert_allclose(m1["train/loss"], m2["train/loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(explicit.params), jax.tree.leaves(fused.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

@@ -16,6 +16,7 @@ and 0 at t = 0, so a mask over response TOKENS selects their log-probs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -158,7 +159,11 @@ class TrainState:
 
 def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: UpdateConfig,
                     optimizer: optax.GradientTransformation):
-  """Returns a jitted `train_step(state, batch) -> (state, metrics)`.
+  """Returns a jitted `train_step(state, batch, ref_is_current=False) -> (state, metrics)`.
+
+  `ref_is_current=True` is for the first step of an iteration, when
+  `state.params` ARE the reference policy: `batch.ref_logp_NT` is then
+  ignored and taken from the step's own forward pass.
 
   The minibatch's samples are split into microbatches of
   `update_cfg.microbatch_size`; each microbatch's loss is a mean over its
@@ -168,19 +173,23 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
   """
   n = update_cfg.microbatch_size
 
-  def micro_loss(params, b: Batch):
+  def micro_loss(params, b: Batch, ref_is_current: bool):
     logp_NT = token_logprobs(cfg, params, b.tokens_NT)
+    if ref_is_current:
+      # The iteration's first step runs at theta_i itself: the reference
+      # log-probs are this forward pass's, so no separate pass is needed.
+      b = b.replace(ref_logp_NT=jax.lax.stop_gradient(logp_NT))
     loss, aux = sample_loss(loss_cfg, logp_NT, b)
     return loss, aux
 
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch, ref_is_current: bool = False):
     N = batch.tokens_NT.shape[0]
     if N % n:
       raise ValueError(f"minibatch of {N} samples is not a multiple of microbatch_size {n}")
     mbs = jax.tree.map(lambda x: _microbatches(x, n), batch)
     total = jnp.maximum(jnp.sum(loss_weights(loss_cfg, batch)), 1.0)
+    loss_fn = functools.partial(micro_loss, ref_is_current=ref_is_current)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, mb):
       grads, loss_sum, aux_sum = carry
@@ -192,7 +201,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     first = jax.tree.map(lambda x: x[0], mbs)
-    aux_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_loss, state.params, first)[1])
+    aux_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_fn, state.params, first)[1])
     (grads, loss, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), aux_zero), mbs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -204,4 +213,4 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
                            skipped=state.skipped + (~finite).astype(jnp.int32))
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return jax.jit(train_step, donate_argnums=(0,), static_argnames=("ref_is_current",))
