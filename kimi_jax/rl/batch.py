@@ -1,0 +1,77 @@
+"""Finished groups -> static-shape training minibatches.
+
+Axis legend: G groups, K samples per group, N samples per minibatch,
+T padded sequence length.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from kimi_jax.rl import losses
+from kimi_jax.rl.update import Batch
+from kimi_jax.sampling.partial import Group
+
+
+def loss_mask(traj, train_old_segments: bool) -> np.ndarray:
+  """float32 `[len(tokens)]`: the response tokens that enter the loss.
+
+  With `train_old_segments=False` only the trajectory's final segment (the
+  tokens generated in its last iteration) counts; earlier segments were
+  sampled by older policies and are context only (method spec §8).
+  """
+  mask = np.zeros(len(traj.tokens), np.float32)
+  if train_old_segments:
+    mask[traj.prompt_len:] = 1.0
+  else:
+    mask[traj.prompt_len:] = (traj.token_iter == traj.last_iteration).astype(np.float32)
+  return mask
+
+
+def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibatch_size: int,
+                     length_multiple: int = 64, train_old_segments: bool = False) -> list[dict]:
+  """Pack all samples of `groups` into padded minibatches of `minibatch_size`.
+
+  Args:
+    groups: completed groups (K samples each).
+    rewards_GK: float32 final rewards (task + penalties) per sample.
+    minibatch_size: samples per minibatch (static); the last one is padded
+      with sample_mask 0.
+    length_multiple: T is the longest sample of the iteration rounded up to
+      this multiple (one shape per iteration, few shapes per run; finer than
+      powers of two, which would nearly double the work of 130-token samples).
+    train_old_segments: see `loss_mask`.
+
+  Returns:
+    A list of dicts of numpy arrays with the fields of `update.Batch` except
+    `ref_logp_NT` (computed on device under the iteration-start params).
+  """
+  if not groups:
+    return []
+  rewards_GK = np.asarray(rewards_GK, np.float32)
+  baseline_GK = np.asarray(losses.group_baseline(rewards_GK))
+  advantages_GK = np.asarray(losses.group_advantages(rewards_GK))
+  samples = [(t, g, k) for g, grp in enumerate(groups) for k, t in enumerate(grp.trajectories)]
+  longest = max(len(t.tokens) for t, _, _ in samples)
+  T = -(-longest // length_multiple) * length_multiple
+  out = []
+  for lo in range(0, len(samples), minibatch_size):
+    chunk = samples[lo:lo + minibatch_size]
+    N = minibatch_size
+    mb = dict(tokens_NT=np.zeros((N, T), np.int32), mask_NT=np.zeros((N, T), np.float32),
+              rewards_N=np.zeros(N, np.float32), baseline_N=np.zeros(N, np.float32),
+              advantages_N=np.zeros(N, np.float32), sample_mask_N=np.zeros(N, np.float32))
+    for n, (t, g, k) in enumerate(chunk):
+      mb["tokens_NT"][n, :len(t.tokens)] = t.tokens
+      mb["mask_NT"][n, :len(t.tokens)] = loss_mask(t, train_old_segments)
+      mb["rewards_N"][n] = rewards_GK[g, k]
+      mb["baseline_N"][n] = baseline_GK[g, k]
+      mb["advantages_N"][n] = advantages_GK[g, k]
+      mb["sample_mask_N"][n] = 1.0
+    out.append(mb)
+  return out
+
+
+def to_batch(mb: dict, ref_logp_NT) -> Batch:
+  return Batch(ref_logp_NT=ref_logp_NT, **mb)
