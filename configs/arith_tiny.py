@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Long-CoT SFT warm-up (method spec §5): verified traces with corrected slips.
   c.sft = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=30,
+      steps=500, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=30,
       weight_decay=0.0, clip_norm=1.0, seed=0, log_every=50,
       n_examples=4000,  # traces drawn from the train split
       long_frac=0.8,  # fraction of long-CoT (vs answer-only) targets

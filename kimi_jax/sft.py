@@ -27,6 +27,7 @@ import json
 import os
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from absl import logging
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -38,23 +39,11 @@ import tqdm
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_params
 from kimi_jax.data import synthetic
 from kimi_jax.sampling import generate
+from kimi_jax.tokenizers import BYTE_EOS_ID, BYTE_PAD_ID, byte_decode, byte_encode
 
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, response_ids)
 LogFn = Callable[[int, dict], None]
 
-# Byte vocabulary (seqio.ByteVocabulary convention): pad 0, eos 1, unk 2,
-# byte b -> b + 3. Stand-in until `kimi_jax.tokenizers.load_vocabulary("bytes")`.
-BYTE_PAD_ID, BYTE_EOS_ID, BYTE_OFFSET = 0, 1, 3
-
-
-def byte_encode(text: str) -> list[int]:
-  return [b + BYTE_OFFSET for b in text.encode("utf-8")]
-
-
-def byte_decode(ids: Sequence[int]) -> str:
-  """Inverse of `byte_encode`; special ids (and ids past the bytes) are dropped."""
-  return bytes(i - BYTE_OFFSET for i in ids
-               if BYTE_OFFSET <= i < 256 + BYTE_OFFSET).decode("utf-8", errors="replace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,8 +265,8 @@ def run_sft(cfg: ModelConfig, params, examples: Sequence[Example], sft_cfg: SFTC
   if skipped == len(examples):
     raise ValueError(f"all {skipped} SFT examples are longer than seq_len={sft_cfg.seq_len}")
   if skipped:
-    print(f"sft: skipping {skipped}/{len(examples)} examples longer than "
-          f"seq_len={sft_cfg.seq_len}")
+    logging.warning("sft: skipping %d/%d examples longer than seq_len=%d",
+                    skipped, len(examples), sft_cfg.seq_len)
 
   optimizer, step_fn = _optimizer_and_step(
       cfg, dataclasses.replace(sft_cfg, seed=0, log_every=1))
@@ -320,6 +309,8 @@ def synthetic_examples(problems: Sequence[synthetic.Problem], n_examples: int,
                        error_rate: float = 0.0, seed: int = 0) -> list[Example]:
   """`n_examples` (prompt_ids, response_ids) pairs cycling over `problems`
   (several traces of one problem differ in their slips)."""
+  if not problems:
+    raise ValueError("synthetic_examples needs at least one problem")
   rng = np.random.default_rng([seed, 0x5F7])
   out = []
   for i in range(n_examples):
@@ -351,16 +342,25 @@ def evaluate_greedy(cfg: ModelConfig, params, problems: Sequence[synthetic.Probl
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The config schema `run_from_config` reads (sub-dicts model, sft, data)."""
+  """The config schema `run_from_config` reads (sub-dicts model, sft, data).
+
+  Defaults from CPU measurements (2 shared cores): this 0.86M-parameter
+  model reaches ~40% greedy held-out accuracy on add+chain, all levels,
+  after 600 steps of 16 x 128 tokens (~6 min); see the SFT report.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init
-  c.model = dict(vocab_size=264, hidden_size=192, intermediate_size=512, num_layers=4,
+  c.model = dict(vocab_size=264, hidden_size=128, intermediate_size=384, num_layers=4,
                  num_heads=4, num_kv_heads=2, max_position_embeddings=512,
                  eos_id=BYTE_EOS_ID, pad_id=BYTE_PAD_ID)
-  c.sft = dict(dataclasses.asdict(SFTConfig()), n_examples=4000, long_frac=1.0,
-               error_rate=0.0)
-  c.data = dict(tasks=("add", "chain"), difficulties=(1, 2, 3, 4), n_train=2000,
-                n_heldout=256, seed=0)
+  # seq_len 160 holds every add/chain trace (<= 103 tokens clean, ~140 with slips).
+  c.sft = dict(dataclasses.asdict(SFTConfig(steps=600, seq_len=160, log_every=50)),
+               n_examples=4000,  # (prompt, trace) pairs, cycling over data.n_train problems
+               long_frac=1.0,  # share of long-CoT (vs answer-only) targets
+               error_rate=0.0)  # per-step probability of a corrected slip
+  c.data = dict(tasks=("add", "chain"),
+                difficulties=None,  # None = every level of each task
+                n_train=4000, n_heldout=256, seed=0)
   return c
 
 
@@ -382,11 +382,13 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str, *,
   model_cfg = ModelConfig(**config.model)
   sft_cfg = sft_config_from(config.sft)
   d = config.data
+  seed = d.get("seed", config.seed)  # configs/arith_tiny.py splits on the top-level seed
   train, heldout = synthetic.make_splits(
-      d.seed, d.n_train, d.n_heldout, difficulties=d.difficulties, tasks=tuple(d.tasks))
+      seed, d.n_train, d.n_heldout, difficulties=d.difficulties, tasks=tuple(d.tasks),
+      heldout_frac=d.get("heldout_frac", 0.2))
   examples = synthetic_examples(train, config.sft.n_examples, byte_encode,
                                 long_frac=config.sft.long_frac,
-                                error_rate=config.sft.error_rate, seed=d.seed)
+                                error_rate=config.sft.error_rate, seed=seed)
   params = init_params(model_cfg, jax.random.PRNGKey(config.seed))
   print(f"sft: {model_cfg.num_params():,} params, {len(examples)} examples "
         f"from {len(train)} problems")

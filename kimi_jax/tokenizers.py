@@ -59,6 +59,28 @@ _UNK_TOKENS = ("<unk>", "[UNK]", "<|unk|>")
 # Helpers used by the rest of the codebase.
 
 
+# Byte-level ids without seqio (no TensorFlow import): the same ids as
+# seqio.ByteVocabulary: pad 0, eos 1, unk 2, byte b -> b + 3.
+BYTE_PAD_ID, BYTE_EOS_ID, BYTE_OFFSET = 0, 1, 3
+
+
+def byte_encode(text: str) -> list[int]:
+  """UTF-8 bytes of `text` as ids (no eos)."""
+  return [b + BYTE_OFFSET for b in text.encode("utf-8")]
+
+
+def byte_decode(ids) -> str:
+  """Text of `ids` up to the first eos; pad/unk and ids past the bytes are dropped."""
+  out = bytearray()
+  for i in ids:
+    i = int(i)
+    if i == BYTE_EOS_ID:
+      break
+    if BYTE_OFFSET <= i < BYTE_OFFSET + 256:
+      out.append(i - BYTE_OFFSET)
+  return out.decode("utf-8", errors="replace")
+
+
 def load_vocabulary(spec: str) -> seqio.Vocabulary:
   """Returns the vocabulary named by `spec`.
 

@@ -9,7 +9,6 @@ from typing import Sequence
 
 import numpy as np
 
-from kimi_jax.rl import losses
 from kimi_jax.rl.update import Batch
 from kimi_jax.sampling.partial import Group
 
@@ -30,7 +29,8 @@ def loss_mask(traj, train_old_segments: bool) -> np.ndarray:
 
 
 def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibatch_size: int,
-                     length_multiple: int = 64, train_old_segments: bool = False) -> list[dict]:
+                     length: int = 0, length_multiple: int = 64,
+                     train_old_segments: bool = False) -> list[dict]:
   """Pack all samples of `groups` into padded minibatches of `minibatch_size`.
 
   Args:
@@ -38,6 +38,9 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
     rewards_GK: float32 final rewards (task + penalties) per sample.
     minibatch_size: samples per minibatch (static); the last one is padded
       with sample_mask 0.
+    length: a fixed T for every iteration (0 = derive it per iteration).
+      The trainer fixes it to the rollout max length so the update compiles
+      once; benchmarks with one known length use `length_multiple` instead.
     length_multiple: T is the longest sample of the iteration rounded up to
       this multiple (one shape per iteration, few shapes per run; finer than
       powers of two, which would nearly double the work of 130-token samples).
@@ -50,11 +53,15 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
   if not groups:
     return []
   rewards_GK = np.asarray(rewards_GK, np.float32)
-  baseline_GK = np.asarray(losses.group_baseline(rewards_GK))
-  advantages_GK = np.asarray(losses.group_advantages(rewards_GK))
+  # The k1.5 baseline: mean reward of the group (numpy: host data, and eager
+  # jnp would compile a kernel for every new group count).
+  baseline_GK = np.broadcast_to(rewards_GK.mean(axis=1, keepdims=True), rewards_GK.shape)
+  advantages_GK = rewards_GK - baseline_GK
   samples = [(t, g, k) for g, grp in enumerate(groups) for k, t in enumerate(grp.trajectories)]
   longest = max(len(t.tokens) for t, _, _ in samples)
-  T = -(-longest // length_multiple) * length_multiple
+  T = length or -(-longest // length_multiple) * length_multiple
+  if longest > T:
+    raise ValueError(f"a sample of {longest} tokens does not fit the training length {T}")
   out = []
   for lo in range(0, len(samples), minibatch_size):
     chunk = samples[lo:lo + minibatch_size]

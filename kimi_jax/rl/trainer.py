@@ -44,24 +44,11 @@ from kimi_jax.rl.update import TrainState, make_optimizer, make_ref_logprobs, ma
 from kimi_jax.rl.update import set_learning_rate
 from kimi_jax.sampling.partial import RolloutScheduler
 from kimi_jax.sampling.segment import SegmentSampler
+from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
 
-# Byte-level vocabulary (seqio.ByteVocabulary's ids): pad 0, eos 1, unk 2, byte b -> b + 3.
-PAD_ID, EOS_ID, BYTE_OFFSET = 0, 1, 3
-
-
-def encode(text: str) -> list[int]:
-  return [b + BYTE_OFFSET for b in text.encode("utf-8")]
-
-
-def decode(ids) -> str:
-  out = bytearray()
-  for i in ids:
-    i = int(i)
-    if i == EOS_ID:
-      break
-    if BYTE_OFFSET <= i < BYTE_OFFSET + 256:  # ids past the bytes are unused padding
-      out.append(i - BYTE_OFFSET)
-  return out.decode("utf-8", errors="replace")
+# The main job is byte-level (seqio.ByteVocabulary ids).
+EOS_ID = BYTE_EOS_ID
+encode, decode = byte_encode, byte_decode
 
 
 class _DropLibraryInfo(std_logging.Filter):
@@ -90,12 +77,9 @@ def prepare_workdir(workdir: str) -> str:
 def warm_up(s: settings_lib.Settings, params, train):
   """Long-CoT SFT on verified traces of the train split (method spec §5)."""
   from kimi_jax import sft
-  rng = np.random.default_rng([s.seed, 0x5F7])
-  examples = []
-  for i in range(s.sft_data.n_examples):
-    p = train[i % len(train)]
-    response = synthetic.sft_response(p, rng, s.sft_data.long_frac, s.sft_data.error_rate)
-    examples.append((encode(p.prompt), encode(response)))
+  examples = sft.synthetic_examples(train, s.sft_data.n_examples, encode,
+                                    long_frac=s.sft_data.long_frac,
+                                    error_rate=s.sft_data.error_rate, seed=s.seed)
   logging.info("SFT warm-up: %d examples, %d steps", len(examples), s.sft.steps)
   params, history = sft.run_sft(s.model, params, examples, s.sft, eos_id=EOS_ID)
   return params, history
@@ -161,6 +145,7 @@ class Trainer:
   def update(self, params, groups, total_GK, iteration, step, skipped):
     s = self.s
     mbs = batch_lib.make_minibatches(groups, total_GK, minibatch_size=s.rl.minibatch_size,
+                                     length=s.scheduler.max_length,
                                      train_old_segments=s.rl.train_old_segments)
     # pi_theta_i scores every sample once, before any step of this iteration;
     # the first minibatch gets its scores inside the first step (same params).
@@ -180,6 +165,21 @@ class Trainer:
     out["train/steps"] = len(metrics)
     out["train/skipped_total"] = int(state.skipped)
     return state, out
+
+  def warmup_update(self, params):
+    """Compile the update's programs now (fixed shapes), not mid-run."""
+    s = self.s
+    N, T = s.rl.minibatch_size, s.scheduler.max_length
+    tokens = np.zeros((N, T), np.int32)
+    ref = self.ref_logprobs(params, tokens)
+    mb = dict(tokens_NT=tokens, mask_NT=np.zeros((N, T), np.float32),
+              rewards_N=np.zeros(N, np.float32), baseline_N=np.zeros(N, np.float32),
+              advantages_N=np.zeros(N, np.float32), sample_mask_N=np.zeros(N, np.float32))
+    for first in (True, False):
+      state = TrainState(params=jax.tree.map(jnp.copy, params),
+                         opt_state=set_learning_rate(self.optimizer.init(params), 0.0),
+                         step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+      jax.block_until_ready(self.train_step(state, batch_lib.to_batch(mb, ref), ref_is_current=first))
 
   def iteration(self, it, params, opt_state, sampler, scheduler, step, skipped):
     t0 = time.perf_counter()
@@ -253,7 +253,10 @@ def run(config, workdir: str) -> list[dict]:
     logging.info("Resumed from iteration %d (%d later metrics rows set aside)", restored.step, moved)
 
   if start <= s.total_iterations:
+    t = time.perf_counter()
     tr.engine.warmup(params, s.scheduler.num_slots, s.scheduler.max_length)
+    tr.warmup_update(params)
+    logging.info("Compiled rollout and update programs in %.0f s", time.perf_counter() - t)
   bar = tqdm(range(start, s.total_iterations + 1), desc="RL", unit="it", initial=start - 1,
              total=s.total_iterations, dynamic_ncols=True)
   for it in bar:
