@@ -8,9 +8,12 @@ padded cache would need a scatter per row). Row b holds valid entries in slots
 `[start[b], index)`; slots before `start[b]` are padding and are never
 attended. The token in slot s of row b has RoPE position `s - start[b]`.
 
-The cache is laid out `[B, K, S, E]` per layer so that both attention dots
-(q·k over E, p·v over S) are batched over (B, K) without a transpose of the
-cache inside the decode loop. Layers are kept as a tuple, not stacked, so the
+Keys are laid out `[B, K, E, S]` and values `[B, K, S, E]` per layer: in both
+decode-step products (scores = q·k over E, out = p·v over S) the OUTPUT axis
+is then the contiguous one, which XLA CPU vectorises. Measured at batch 32,
+2 kv heads x 4 groups, 640 slots, per layer and step: q·k 1.7 ms with keys
+[B, K, E, S] vs 5.2 ms with [B, K, S, E]; p·v 1.3 ms with values
+[B, K, S, E] vs 3.8 ms with [B, K, E, S]. Layers are kept as a tuple, not stacked, so the
 unrolled decoder never slices a stacked buffer per step.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ class KVCache:
   """Per-layer keys/values plus the shared write index and per-row starts.
 
   Attributes:
-    k: tuple of L arrays `[B, K, S, E]` (compute dtype).
+    k: tuple of L arrays `[B, K, E, S]` (compute dtype; slots last).
     v: tuple of L arrays `[B, K, S, E]`.
     index: int32 scalar, the next slot to write (same for every row).
     start: int32 `[B]`, the first valid slot of each row.
@@ -40,19 +43,19 @@ class KVCache:
            head_dim: int, dtype=jnp.float32, start: jax.Array | None = None,
            ) -> "KVCache":
     """An empty cache of `length` slots; `start` defaults to 0 for every row."""
-    shape = (batch, num_kv_heads, length, head_dim)
-    zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+    k_shape = (batch, num_kv_heads, head_dim, length)
+    v_shape = (batch, num_kv_heads, length, head_dim)
     if start is None:
       start = jnp.zeros((batch,), jnp.int32)
-    return cls(k=tuple(zeros() for _ in range(num_layers)),
-               v=tuple(zeros() for _ in range(num_layers)),
+    return cls(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(num_layers)),
+               v=tuple(jnp.zeros(v_shape, dtype) for _ in range(num_layers)),
                index=jnp.zeros((), jnp.int32),
                start=jnp.asarray(start, jnp.int32))
 
   @property
   def length(self) -> int:
     """Number of slots S (static)."""
-    return self.k[0].shape[2]
+    return self.k[0].shape[3]
 
   @property
   def lengths(self) -> jax.Array:

@@ -177,7 +177,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_BTS, cache_kv=None, cache_index=None):
-    """Returns `(out_BTD, (k_BKSE, v_BKSE))`; the pair is the updated cache
+    """Returns `(out_BTD, (k_BKES, v_BKSE))`; the pair is the updated cache
     layer when `cache_kv` is given, else the keys/values of this call."""
     cfg = self.cfg
     K, E = cfg.num_kv_heads, cfg.head_size
@@ -189,19 +189,18 @@ class Attention(nn.Module):
     q_BTHE = apply_rope(q_BTHE, positions_BT, inv_freq)
     k_BTKE = apply_rope(k_BTKE, positions_BT, inv_freq)
 
-    k_BKTE = k_BTKE.transpose(0, 2, 1, 3)
+    k_BKET = k_BTKE.transpose(0, 2, 3, 1)  # keys slots-last: see kv_cache.py
     v_BKTE = v_BTKE.transpose(0, 2, 1, 3)
     if cache_kv is None:
-      k_BKSE, v_BKSE = k_BKTE, v_BKTE
+      k_BKES, v_BKSE = k_BKET, v_BKTE
     else:
       ck, cv = cache_kv
-      at = (0, 0, cache_index, 0)
-      k_BKSE = jax.lax.dynamic_update_slice(ck, k_BKTE.astype(ck.dtype), at)
-      v_BKSE = jax.lax.dynamic_update_slice(cv, v_BKTE.astype(cv.dtype), at)
+      k_BKES = jax.lax.dynamic_update_slice(ck, k_BKET.astype(ck.dtype), (0, 0, 0, cache_index))
+      v_BKSE = jax.lax.dynamic_update_slice(cv, v_BKTE.astype(cv.dtype), (0, 0, cache_index, 0))
 
     B, T = x_BTD.shape[:2]
     q_BKGTE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgte,bkse->bkgts", q_BKGTE, k_BKSE.astype(q_BKGTE.dtype),
+    scores = jnp.einsum("bkgte,bkes->bkgts", q_BKGTE, k_BKES.astype(q_BKGTE.dtype),
                         preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(E))
     # A finite fill keeps fully masked rows (left padding) free of NaNs.
@@ -212,7 +211,7 @@ class Attention(nn.Module):
     o = self.param("o", nn.with_logical_partitioning(_kernel_init(), ("q_heads", "head_dim", "embed")),
                    (cfg.num_heads, E, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
     out_BTD = jnp.einsum("bthe,hed->btd", out_BTHE.astype(x_BTD.dtype), jnp.asarray(o, x_BTD.dtype))
-    return out_BTD, (k_BKSE, v_BKSE)
+    return out_BTD, (k_BKES, v_BKSE)
 
 
 class MLP(nn.Module):
