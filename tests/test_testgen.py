@@ -1,0 +1,166 @@
+"""Automatic code test generation: the report's 7/10 and 9/10 rules, and the
+sandboxed pipeline on the small problems of tests/data/testgen_problems.py.
+
+Sandbox runs are kept few (about 120 in all): 4 references x 6 inputs per problem.
+"""
+import importlib.util
+import os
+
+import pytest
+
+from kimi_jax.verifiers import code, testgen
+
+_spec = importlib.util.spec_from_file_location(
+    "testgen_problems", os.path.join(os.path.dirname(__file__), "data", "testgen_problems.py"))
+problems = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(problems)
+
+# The report's fractions; 6 inputs, of which at least 5 must become tests
+# (the report: 40 of 50). Generous timeout: the machine is shared.
+SMALL = testgen.TestGenConfig(num_tests=6, min_valid_tests=5, timeout_s=5.0, max_workers=2)
+
+
+def test_report_thresholds_are_counts_of_ten():
+  cfg = testgen.TestGenConfig()
+  assert (cfg.num_tests, cfg.num_references, cfg.min_valid_tests) == (50, 10, 40)
+  assert testgen.at_least(cfg.test_agreement, 10) == 7
+  assert testgen.at_least(cfg.problem_pass, 10) == 9
+  assert testgen.at_least(cfg.test_agreement, 4) == 3
+  assert testgen.at_least(cfg.problem_pass, 4) == 4
+
+
+def _outputs(columns):
+  """outputs_RI from per-input columns of 10 reference outputs."""
+  return [list(row) for row in zip(*columns)]
+
+
+def test_vote_needs_seven_of_ten_agreeing():
+  seven = ["1\n"] * 7 + ["2\n"] * 3
+  six = ["1\n"] * 6 + ["2\n"] * 2 + [None] * 2
+  failed_runs = ["1\n"] * 6 + [None] * 4  # a failed run agrees with nobody
+  v = testgen.vote(_outputs([seven, six, failed_runs]), 0.7)
+  assert v.expected_I == ("1\n", None, None)
+  assert v.agree_I == (7, 6, 6)
+  assert v.valid_I == (True, False, False)
+  assert v.passes_R == (1,) * 7 + (0,) * 3
+
+
+def test_problem_kept_when_nine_of_ten_pass_all_selected_tests():
+  cfg = testgen.TestGenConfig(num_tests=3, min_valid_tests=3)
+  inputs = ["a\n", "b\n", "c\n"]
+  good = ["x\n"] * 10
+  one_wrong = ["y\n"] * 9 + ["z\n"]  # reference 9 fails this test
+  other_wrong = ["w\n"] * 8 + ["v\n"] + ["w\n"]  # reference 8 fails this one
+  tests, reason = testgen.select(inputs, testgen.vote(_outputs([good, one_wrong, good]), 0.7), cfg)
+  assert reason == "kept"
+  assert tests == [{"input": "a\n", "output": "x\n"}, {"input": "b\n", "output": "y\n"},
+                   {"input": "c\n", "output": "x\n"}]
+  # Two references each failing one (valid) test: 8/10 pass all -> dropped.
+  tests, reason = testgen.select(
+      inputs, testgen.vote(_outputs([good, one_wrong, other_wrong]), 0.7), cfg)
+  assert len(tests) == 3 and reason == "references_disagree: 8/10 pass all < 9"
+
+
+def test_problem_dropped_with_too_few_valid_tests():
+  cfg = testgen.TestGenConfig(num_tests=3, min_valid_tests=3)
+  split = ["p\n"] * 5 + ["q\n"] * 5
+  v = testgen.vote(_outputs([["x\n"] * 10, split, ["x\n"] * 10]), 0.7)
+  tests, reason = testgen.select(["a", "b", "c"], v, cfg)
+  assert [t["input"] for t in tests] == ["a", "c"]
+  assert reason == "too_few_valid_tests: 2 < 3"
+
+
+def test_config_rejects_a_threshold_without_a_unique_majority():
+  with pytest.raises(ValueError, match="test_agreement"):
+    testgen.TestGenConfig(test_agreement=0.5)
+  with pytest.raises(ValueError, match="num_tests"):
+    testgen.TestGenConfig(num_tests=0)
+
+
+def test_references_subsampled_deterministically():
+  cfg = testgen.TestGenConfig(seed=3)
+  used = testgen.select_references([f"print({i})" for i in range(15)], cfg)
+  assert len(used) == 10 and len(set(used)) == 10 and max(used) < 15
+  assert used == testgen.select_references([f"print({i})" for i in range(15)], cfg)
+  assert used != testgen.select_references([f"print({i})" for i in range(15)],
+                                           testgen.TestGenConfig(seed=4))
+  assert testgen.select_references(["a", "b"], cfg) == (0, 1)
+
+
+def test_callable_generator_drops_duplicates_errors_and_huge_inputs():
+  def gen(seed):
+    if seed == 3:
+      raise RuntimeError("boom")
+    if seed == 4:
+      return 7
+    if seed == 5:
+      return "x" * 100
+    return f"{seed % 2}\n"
+
+  cfg = testgen.TestGenConfig(num_tests=6, max_input_bytes=50)
+  inputs, errors = testgen.make_inputs(gen, cfg)
+  assert inputs == ["0\n", "1\n"]
+  assert errors == {"duplicate": 1, "error: RuntimeError: boom": 1, "error: returned int": 1,
+                    "input_too_large": 1}
+
+
+@pytest.mark.parametrize("problem", problems.PROBLEMS, ids=lambda p: p["name"])
+def test_problems_from_the_repo(problem):
+  out = testgen.generate_tests(problem["references"], problem["generator"], SMALL)
+  assert len(out.inputs) == 6 and out.generator_errors == {}
+  assert out.kept == problem["kept"], out.summary()
+  # Whatever the verdict, every selected test carries the correct output.
+  for test in out.tests:
+    assert test["output"] == problem["solve"](test["input"])
+  if problem["name"] == "add":
+    assert out.reason == "kept" and len(out.tests) == 6
+    assert out.passes_R == (6, 6, 6, 6)
+  elif problem["name"] in ("sort", "distinct"):
+    # Three correct references outvote the bad one on every input...
+    assert len(out.tests) == 6 and min(out.agree_I) >= 3
+    # ...and the bad one fails, so 3/4 pass all < the 9/10 rule (4 of 4).
+    assert out.passes_R[:3] == (6, 6, 6) and out.passes_R[3] < 6
+    assert out.reason == "references_disagree: 3/4 pass all < 4"
+  else:  # argmax: inputs with a tied maximum split the references 2-2.
+    tied = [x for x in out.inputs if x.split().count(max(x.split(), key=int)) > 1]
+    assert len(tied) == 3 and not {t["input"] for t in out.tests} & set(tied)
+    assert out.reason == "too_few_valid_tests: 3 < 5"
+
+
+def test_generated_tests_grade_programs_like_the_code_verifier():
+  add = problems.ADD
+  out = testgen.generate_tests(add["references"][:3], add["generator"],
+                               testgen.TestGenConfig(num_tests=3, min_valid_tests=3,
+                                                     timeout_s=5.0, max_workers=2))
+  assert out.kept
+  # The reference printing trailing spaces passes under code.run_tests too.
+  assert code.run_tests(add["references"][2], out.tests, timeout_s=5.0).passed == 3
+  wrong = "a, b = map(int, input().split())\nprint(a - b)\n"
+  assert code.run_tests(wrong, out.tests, timeout_s=5.0, fail_fast=True).passed == 0
+
+
+def test_source_generator_failures_are_reported_not_raised():
+  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=3.0,
+                              timeout_s=5.0, max_workers=2)
+  refs = ["print(input())\n"]
+  broken = testgen.generate_tests(refs, "def generate(seed):\n  return (", cfg)
+  assert not broken.kept and broken.reason.startswith("generator_failed: generator syntax_error")
+  assert broken.generator_errors == {"generator syntax_error: '(' was never closed (line 2)": 4}
+  # Odd seeds raise; the even ones still make tests. A generator printing on
+  # its own stdout does not corrupt the inputs.
+  flaky = ("def generate(seed):\n  print('noise')\n"
+           "  if seed % 2:\n    raise ValueError(seed)\n  return f'{seed}\\n'\n")
+  out = testgen.generate_tests(refs, flaky, cfg)
+  assert out.inputs == ("0\n", "2\n") and out.kept
+  assert out.generator_errors == {"error: ValueError: 1": 1, "error: ValueError: 3": 1}
+  assert [t["output"] for t in out.tests] == ["0\n", "2\n"]
+
+
+def test_hanging_generator_keeps_the_inputs_made_before_the_timeout():
+  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=1.0,
+                              timeout_s=5.0, max_workers=2)
+  hang = "def generate(seed):\n  while seed == 2:\n    pass\n  return f'{seed}\\n'\n"
+  out = testgen.generate_tests(["print(input())\n"], hang, cfg)
+  assert out.inputs == ("0\n", "1\n")
+  assert out.generator_errors == {"generator timeout": 2}
+  assert len(out.tests) == 2 and out.kept
