@@ -8,6 +8,9 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.11",
     "seqio>=0.0.19",
     "tensorflow-datasets>=4.9",
+    # TFDS needs it to build datasets defined outside tfds (data/prompt_pipelines.py)
+    # but does not declare it.
+    "importlib_resources>=6",
     "ml-collections>=1.0",
     "absl-py>=2.0",
     "clu>=0.0.12",
