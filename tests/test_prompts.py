@@ -95,7 +95,10 @@ BAD_LINES = [
     (_line(id="a", type="proof", prompt="q", tags="algebra"),
      r"field 'tags': expected a list of strings, got string$"),
     (_line(id="a", type="proof", prompt="q", tags=["x", 3]), r"field 'tags\[1\]': expected a non-empty"),
-    (_line(id="a", type="math", prompt="q", anwser="1"), r"field 'anwser': unknown field"),
+    (_line(id="a", type="math", prompt="q", answer="1", anwser="1"),
+     r"field 'anwser': unknown field; did you mean 'answer'\?$"),
+    (_line(id="a", type="proof", prompt="q", tag=["x"]), r"field 'tag': .* did you mean 'tags'"),
+    (_line(ID="a", type="proof", prompt="q"), r"field 'ID': .* did you mean 'id'"),
     ('{"id": "a", "id": "b", "type": "proof", "prompt": "q"}', r"field 'id': appears twice"),
     ('["a", "b"]', r"expected a JSON object, got list$"),
     (VALID, r"field 'id': duplicate id 'ok' \(first on line 1\)$"),
@@ -112,6 +115,18 @@ def test_bad_line_names_file_line_and_field(tmp_path, bad, message):
   assert text.startswith(f"{path}:3: "), text
   assert info.value.where == f"{path}:3"
   assert re.search(message, text), text
+
+
+def test_other_keys_are_ignored_and_synthetic_files_read(tmp_path):
+  from kimi_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  path = _write_lines(tmp_path / "p.jsonl", [_line(id="a", type="proof", prompt="q",
+                                                   solution="...", task="x", level=3)])
+  assert prompts.read_jsonl(path).prompts == (Prompt("a", "q", "proof"),)
+  _, problems = synthetic.make_splits(0, 0, 12)
+  synthetic.to_jsonl(problems, tmp_path / "synthetic.jsonl")
+  got = prompts.read_jsonl(tmp_path / "synthetic.jsonl")
+  assert [(p.id, p.prompt, p.answer, p.difficulty) for p in got] == [
+      (q.id, q.prompt, q.answer, float(q.difficulty)) for q in problems]
 
 
 def test_invalid_utf8_names_the_line(tmp_path):

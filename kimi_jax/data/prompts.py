@@ -7,7 +7,9 @@ One prompt per line of a JSONL file (UTF-8; blank lines are ignored):
   {"id": "cf-12", "type": "code", "prompt": "Read two ints, print their sum.",
    "tests": [{"input": "1 2\\n", "output": "3\\n"}]}
 
-Fields (anything else is an error, so a misspelt "anwser" is caught):
+Fields (other keys, such as a worked solution or a subset name, are ignored,
+except a key one edit away from a field name, e.g. "anwser" or "tag", which
+is an error: a typo must not silently drop a field):
   id          non-empty string, unique in the file
   prompt      non-empty string, the problem text as the model sees it
   type        one of PROMPT_TYPES
@@ -68,6 +70,21 @@ def _kind(value: Any) -> str:
   return {str: "string", dict: "object", bool: "bool"}.get(type(value), type(value).__name__)
 
 
+def _one_edit_apart(a: str, b: str) -> bool:
+  """Equal, or one insertion, deletion, substitution or adjacent swap apart."""
+  if a == b:
+    return True
+  if abs(len(a) - len(b)) > 1:
+    return False
+  i = 0
+  while i < min(len(a), len(b)) and a[i] == b[i]:
+    i += 1
+  if len(a) == len(b):
+    swapped = a[i + 1:i + 2] + a[i:i + 1] + a[i + 2:] == b[i:]
+    return a[i + 1:] == b[i + 1:] or swapped
+  return a[i + 1:] == b[i:] if len(a) > len(b) else a[i:] == b[i + 1:]
+
+
 def _check_tests(tests: Any, where: str) -> tuple:
   if isinstance(tests, (str, bytes, Mapping)) or not isinstance(tests, (list, tuple)):
     raise PromptFileError(where, f"expected a list of tests, got {_kind(tests)}", "tests")
@@ -100,9 +117,11 @@ def _check_tests(tests: Any, where: str) -> tuple:
 
 def _check_fields(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
   """Validated, normalised constructor arguments of `Prompt` (tuples, float difficulty)."""
-  unknown = sorted(set(obj) - set(FIELDS))
-  if unknown:
-    raise PromptFileError(where, f"unknown field; the fields are {list(FIELDS)}", unknown[0])
+  for key in obj:
+    if key not in FIELDS:
+      near = [f for f in FIELDS if _one_edit_apart(key.lower(), f)]
+      if near:
+        raise PromptFileError(where, f"unknown field; did you mean '{near[0]}'?", key)
   for name in _REQUIRED:
     if obj.get(name) is None:
       raise PromptFileError(where, "missing" if name not in obj else "must not be null", name)
