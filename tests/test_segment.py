@@ -4,11 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kimi_jax.compile_count import CompileCounter
 from kimi_jax.models.transformer import ModelConfig, init_params
 from kimi_jax.sampling.finish import FinishReason
 from kimi_jax.sampling.repetition import RepeatConfig
 from kimi_jax.sampling.sampler import SamplingConfig, generate
-from kimi_jax.sampling.segment import SegmentSampler
+from kimi_jax.sampling.segment import SegmentSampler, chunk_widths
 from kimi_jax.sampling.state import RolloutState
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -128,3 +129,92 @@ def test_budget_is_validated(params):
   engine = SegmentSampler(CFG, SamplingConfig(), RepeatConfig(), eos_id=None, budget_slots=8)
   with pytest.raises(ValueError, match="budget 9 outside"):
     engine(params, make_state(PROMPTS), 9, 0, jax.random.PRNGKey(0))
+
+
+# ---------------------------------------------------------------- grouped prefill
+
+def test_chunk_widths_halve_down_to_the_minimum():
+  assert chunk_widths(128, 16) == (128, 64, 32, 16)
+  assert chunk_widths(16, 16) == (16,)
+  assert chunk_widths(8, 16) == (8,)
+  assert chunk_widths(48, 8) == (48, 24, 12)
+
+
+def mixed_state(max_length=64):
+  """Rows of very different lengths: one long carried row, short ones, an
+  inactive row and a finished row (B=7: not a multiple of the group size)."""
+  rng = np.random.default_rng(3)
+  lens = [40, 3, 9, 1, 17, 30, 5]
+  rows = [rng.integers(1, 60, size=n).tolist() for n in lens]
+  st = make_state(rows, max_length)
+  prompt = np.minimum(st.length_B, 2).astype(np.int32)
+  active = np.ones(len(rows), bool)
+  active[3] = False
+  finish = np.full(len(rows), RUNNING, np.int32)
+  finish[6] = int(FinishReason.EOS)
+  return st.replace(prompt_len_B=prompt, active_B=active, finish_B=finish)
+
+
+# One setting for all grouped-prefill tests, so they share compiled programs.
+GROUPED = dict(sampling=SamplingConfig(), repeat=RepeatConfig(), eos_id=None, budget_slots=24,
+               min_width=4)
+
+
+def test_grouped_prefill_matches_one_whole_prefill(params):
+  # A random model: every token depends on the whole context, so a key/value
+  # placed in the wrong slot (or row) would change the continuation.
+  state = mixed_state()
+  whole = SegmentSampler(CFG, prefill_rows=0, **GROUPED)
+  grouped = SegmentSampler(CFG, prefill_rows=2, **GROUPED)
+  assert whole.width_for(state) == 64  # groups of 2 rows use widths 64, 32, 4
+  a, steps_a = whole(params, state, 12, 5, jax.random.PRNGKey(2))
+  b, steps_b = grouped(params, state, 12, 5, jax.random.PRNGKey(2))
+  assert steps_a == steps_b == 12
+  np.testing.assert_array_equal(a.tokens_BL, b.tokens_BL)
+  np.testing.assert_array_equal(a.length_B, b.length_B)
+  np.testing.assert_array_equal(a.finish_B, b.finish_B)
+  np.testing.assert_array_equal(a.token_iter_BL, b.token_iter_BL)
+  np.testing.assert_allclose(a.logp_BL, b.logp_BL, atol=1e-5)
+  # Rows that are not running stay untouched; running rows got 12 tokens each...
+  np.testing.assert_array_equal(b.tokens_BL[[3, 6]], state.tokens_BL[[3, 6]])
+  np.testing.assert_array_equal(b.length_B - state.length_B, [12, 12, 12, 0, 12, 12, 0])
+  # ...which are the plain sampler's continuations of each row.
+  rows = [state.tokens_BL[r, :state.length_B[r]].tolist() for r in (0, 1, 2, 4, 5)]
+  for r, row, g in zip((0, 1, 2, 4, 5), rows, generate(CFG, params, rows, 12)):
+    assert b.tokens_BL[r, len(row):len(row) + 12].tolist() == g
+
+
+def test_grouped_prefill_three_segments_equal_one_long_segment(params):
+  engine = SegmentSampler(CFG, prefill_rows=2, **GROUPED)
+  state = mixed_state()
+  one, _ = engine(params, state, 24, 0, jax.random.PRNGKey(1))
+  three = state
+  for it in range(3):
+    three, steps = engine(params, three, 8, it, jax.random.PRNGKey(1))
+    assert steps == 8
+    three = resume(three)
+  np.testing.assert_array_equal(one.tokens_BL, three.tokens_BL)
+  np.testing.assert_array_equal(one.length_B, three.length_B)
+  np.testing.assert_array_equal(resume(one).finish_B, three.finish_B)
+  np.testing.assert_allclose(one.logp_BL, three.logp_BL, atol=1e-5)
+  # Row 0 (40 tokens) hits max_length 64; the other running rows run the budget.
+  assert one.finish_B.tolist() == [int(FinishReason.MAX_LENGTH), BUDGET, BUDGET, RUNNING,
+                                   BUDGET, BUDGET, int(FinishReason.EOS)]
+
+
+def test_grouped_prefill_compiles_nothing_after_warmup(params):
+  engine = SegmentSampler(CFG, prefill_rows=2, **GROUPED)
+  engine.warmup(params, 7, 64)
+  state = mixed_state()
+  with CompileCounter() as cc:
+    for it in range(3):
+      state, _ = engine(params, state, 8, it, jax.random.PRNGKey(it))
+      state = resume(state)
+  assert cc.count == 0
+  assert state.length_B.tolist() == [64, 27, 33, 1, 41, 54, 5]
+
+
+def test_prefill_rows_is_validated():
+  with pytest.raises(ValueError, match="prefill_rows"):
+    SegmentSampler(CFG, SamplingConfig(), RepeatConfig(), eos_id=None, budget_slots=8,
+                   prefill_rows=-1)

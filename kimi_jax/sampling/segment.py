@@ -7,6 +7,9 @@ budget), V vocab.
 `sample_segment` continues every row with `active & finish == RUNNING`:
   1. re-packs prompt + response-so-far left-padded into `[B, W]` and prefills
      it under the CURRENT weights (a cache built by earlier weights is stale);
+     with `prefill_rows` > 0 the running rows are prefilled in groups, each
+     at the width its longest row needs, so one long carried row does not
+     make every row prefill at W (the cache layout is the same either way);
   2. decodes in one `lax.while_loop` until each row hits eos, its budget, the
      max total length L, or a detected repeat; finished rows only cost
      masking until the whole batch is done;
@@ -53,11 +56,114 @@ def _write_back(x_BL, new_BN, offset_B, count_B):
   return jnp.where(sel, vals.astype(x_BL.dtype), x_BL)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "repeat", "width", "budget_slots"))
+def chunk_widths(width: int, min_width: int) -> tuple[int, ...]:
+  """Prefill widths a row group may use under a segment of width W, widest first.
+
+  `W, ceil(W/2), ceil(W/4), ...` down to `min_width` (W alone when W <= min_width).
+  """
+  out = [width]
+  while True:
+    w = -(-out[-1] // 2)
+    if w < max(min_width, 1) or w == out[-1]:
+      return tuple(out)
+    out.append(w)
+
+
+def _slot_axes(cfg: ModelConfig) -> tuple[int, int]:
+  """The slot axis of the KV cache's keys and of its values (the two layouts
+  may differ), read off the cache itself so this file does not hard-code it."""
+  a = jax.eval_shape(lambda: init_cache(cfg, 1, 2))
+  b = jax.eval_shape(lambda: init_cache(cfg, 1, 3))
+  axis = lambda x, y: [m != n for m, n in zip(x.shape, y.shape)].index(True)  # noqa: E731
+  return axis(a.k[0], b.k[0]), axis(a.v[0], b.v[0])
+
+
+def _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra):
+  """One prefill of every row at width W (the simple layout)."""
+  B = tokens_BL.shape[0]
+  tokens_BW, start_B = _left_pack(tokens_BL, length_B, width)
+  cache = init_cache(cfg, B, width + extra, start=start_B)
+  return prefill(model, params, tokens_BW, cache)
+
+
+def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extra, rows,
+                     min_width):
+  """Prefill the running rows in groups of `rows`, each at the width it needs.
+
+  Running rows are sorted by length (longest first) and cut into groups of
+  `rows`; group g is left-packed at the smallest of `chunk_widths(W)` that
+  holds its longest row and prefilled alone (`lax.switch` over the widths, so
+  one program per W), and its keys/values are scattered into the cache of
+  `W + extra` slots at slots `[W - w_g, W)`. Every row then sits exactly where
+  `_prefill_whole` would put it (left-padded to W, one write index W), so the
+  decode loop is unchanged; the prefill costs `sum_g rows * w_g` tokens
+  instead of `B * W`. Rows that are not running are not prefilled (zero
+  cache, zero logits: they are done before the first step anyway).
+  """
+  B = tokens_BL.shape[0]
+  G = rows
+  widths = chunk_widths(width, min_width)
+  len_B = jnp.where(run_B, length_B, 0).astype(jnp.int32)
+  order = jnp.argsort(-len_B, stable=True).astype(jnp.int32)
+  num_groups = -(-B // G)
+  pad = num_groups * G - B
+  order = jnp.concatenate([order, jnp.full((pad,), B, jnp.int32)])
+  take = jnp.clip(order, 0, B - 1)
+  # Scatter target of each sorted position: the row, or B (dropped) for rows
+  # that are not running and for the padding.
+  target = jnp.where((order < B) & run_B[take], order, B)
+  n_groups = (jnp.sum(run_B.astype(jnp.int32)) + G - 1) // G
+  widths_arr = jnp.asarray(widths, jnp.int32)
+  k_axis, v_axis = _slot_axes(cfg)
+
+  def place(x, axis, w):
+    """Group cache `[G, ..., w (slots), ...]` -> slots `[W - w, W)` of a W-slot one."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (width - w, 0)
+    return jnp.pad(x, pad)
+
+  def make_branch(w):
+    def branch(rows_G):
+      tokens_Gw, start_G = _left_pack(tokens_BL[rows_G], len_B[rows_G], w)
+      cache = init_cache(cfg, G, w, start=start_G)
+      logits_GV, cache = prefill(model, params, tokens_Gw, cache)
+      return (logits_GV, tuple(place(x, k_axis, w) for x in cache.k),
+              tuple(place(x, v_axis, w) for x in cache.v))
+    return branch
+
+  def scatter(full, group, dest_G, axis):
+    """Rows `dest_G` (B = dropped), slots `[0, W)` of `full` <- `group`."""
+    idx = [slice(None)] * full.ndim
+    idx[0], idx[axis] = dest_G, slice(0, width)
+    return full.at[tuple(idx)].set(group.astype(full.dtype), mode="drop")
+
+  branches = [make_branch(w) for w in widths]
+
+  def body(g, carry):
+    logits_BV, k, v = carry
+    rows_G = jax.lax.dynamic_slice(take, (g * G,), (G,))
+    dest_G = jax.lax.dynamic_slice(target, (g * G,), (G,))
+    longest = jnp.maximum(len_B[rows_G[0]], 1)
+    which = jnp.sum((widths_arr >= longest).astype(jnp.int32)) - 1
+    logits_GV, k_G, v_G = jax.lax.switch(which, branches, rows_G)
+    logits_BV = logits_BV.at[dest_G].set(logits_GV, mode="drop")
+    k = tuple(scatter(c, x, dest_G, k_axis) for c, x in zip(k, k_G))
+    v = tuple(scatter(c, x, dest_G, v_axis) for c, x in zip(v, v_G))
+    return logits_BV, k, v
+
+  start_B = width - jnp.clip(length_B, 1, width)  # as `_left_pack` would place the rows
+  cache = init_cache(cfg, B, width + extra, start=start_B)
+  logits_BV = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+  logits_BV, k, v = jax.lax.fori_loop(0, n_groups, body, (logits_BV, cache.k, cache.v))
+  return logits_BV, cache.replace(k=k, v=v, index=jnp.asarray(width, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "repeat", "width", "budget_slots",
+                                             "prefill_rows", "prefill_min_width"))
 def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: jax.Array,
                    rng: jax.Array, eos_id: jax.Array, *, cfg: ModelConfig,
                    sampling: SamplingConfig, repeat: repetition.RepeatConfig, width: int,
-                   budget_slots: int):
+                   budget_slots: int, prefill_rows: int = 0, prefill_min_width: int = 16):
   """Continue the running rows of `state` by up to `budget` tokens each.
 
   Args:
@@ -69,6 +175,13 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
     rng: PRNG key.
     eos_id: int32 scalar (`NO_EOS` = none).
     cfg, sampling, repeat, width, budget_slots: static.
+    prefill_rows: static; 0 (or >= B) prefills every row at width W in one
+      call; otherwise the running rows are prefilled in groups of this many,
+      longest first, each group at the smallest width of
+      `chunk_widths(width, prefill_min_width)` that holds it (see
+      `_prefill_grouped`). Same result up to float rounding; much cheaper
+      when a few long carried rows set W.
+    prefill_min_width: static, narrowest group width.
 
   Returns:
     (new_state, steps): steps is the int32 number of decode steps the loop ran
@@ -81,9 +194,13 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
   room_B = L - state.length_B
   limit_B = jnp.where(run_B, jnp.minimum(budget, room_B), 0)
 
-  tokens_BW, start_B = _left_pack(state.tokens_BL, state.length_B, width)
-  cache = init_cache(cfg, B, width + N, start=start_B)
-  logits_BV, cache = prefill(model, params, tokens_BW, cache)
+  tokens_BL = jnp.asarray(state.tokens_BL)
+  length_B = jnp.asarray(state.length_B)
+  if 0 < prefill_rows < B and len(chunk_widths(width, prefill_min_width)) > 1:
+    logits_BV, cache = _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width,
+                                        N, prefill_rows, prefill_min_width)
+  else:
+    logits_BV, cache = _prefill_whole(model, cfg, params, tokens_BL, length_B, width, N)
   history_BH = repetition.init_history(state.tokens_BL, state.length_B, state.prompt_len_B, repeat)
 
   def emit(i, token_B, logp_B, done_B, reason_B, count_B, out_BN, logp_BN, history_BH):
@@ -149,6 +266,10 @@ class SegmentSampler:
     eos_id: stop token (None = never).
     budget_slots: static maximum of the per-segment budget (N).
     min_width: smallest prefill bucket (e.g. the prompt budget).
+    prefill_rows: rows per prefill group (`sample_segment`'s `prefill_rows`):
+      running rows are re-prefilled this many at a time, each group at the
+      width its longest row needs, so one long carried row no longer makes
+      every row prefill at its width. 0 = one prefill of all B rows at W.
   """
   cfg: ModelConfig
   sampling: SamplingConfig
@@ -156,6 +277,11 @@ class SegmentSampler:
   eos_id: Optional[int]
   budget_slots: int
   min_width: int = 16
+  prefill_rows: int = 4
+
+  def __post_init__(self):
+    if not isinstance(self.prefill_rows, int) or self.prefill_rows < 0:
+      raise ValueError(f"SegmentSampler.prefill_rows must be an int >= 0, got {self.prefill_rows!r}")
 
   def width_for(self, state: RolloutState) -> int:
     """Prefill bucket for the longest running row of a host-side state."""
@@ -181,7 +307,8 @@ class SegmentSampler:
     new_state, steps = sample_segment(
         params, state, np.int32(budget), np.int32(iteration), rng,
         np.int32(NO_EOS if self.eos_id is None else self.eos_id), cfg=self.cfg,
-        sampling=self.sampling, repeat=self.repeat, width=width, budget_slots=self.budget_slots)
+        sampling=self.sampling, repeat=self.repeat, width=width, budget_slots=self.budget_slots,
+        prefill_rows=self.prefill_rows, prefill_min_width=self.min_width)
     return new_state.to_numpy(), int(steps)
 
   def warmup(self, params, num_slots: int, max_length: int) -> None:
