@@ -264,3 +264,21 @@ def test_seqio_task_gives_the_jsonl_prompts_as_token_ids(pipelines, prompt_file,
   assert 0 < len(kept) < len(expected)
   assert pipelines.count_overlong(prompt_file, "bytes", limit, skip_invalid=True) == (
       len(expected) - len(kept))
+
+
+def test_seqio_mixture_keeps_the_prompt_fields(pipelines, tmp_path):
+  import seqio  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "tfds")
+  for name, chosen in (("a", GOOD[:2]), ("b", GOOD[2:])):
+    prompts.write_jsonl(chosen, tmp_path / f"{name}.jsonl")
+    pipelines.register_task(f"test_prompts_{name}", tmp_path / f"{name}.jsonl", "bytes",
+                            max_prompt_length=1000, data_dir=data_dir)
+  mixture = pipelines.register_mixture("test_prompts_mix", [("test_prompts_a", 1.0),
+                                                            ("test_prompts_b", 1.0)])
+  assert seqio.get_mixture_or_task("test_prompts_mix") is mixture
+  # A mixture repeats its tasks (with num_epochs=1 it stops when one runs out).
+  ds = mixture.get_dataset(None, split="train", shuffle=False, seed=0,
+                           passthrough_features=pipelines.METADATA_FEATURES)
+  got = [pipelines.prompt_from_example(e) for e in _numpy_examples(ds.take(60))]
+  by_id = {p.id: p for p in GOOD}
+  assert all(p == by_id[p.id] for p in got) and {p.id for p in got} == set(by_id)

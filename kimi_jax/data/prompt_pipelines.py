@@ -8,6 +8,7 @@
   task = prompt_pipelines.register_task("my_prompts", "p.jsonl", "bytes",
                                         max_prompt_length=512, data_dir="/data/tfds")
   ds = task.get_dataset(split="train", shuffle=False)
+  prompt_pipelines.register_mixture("all_prompts", [("my_prompts", 3.0), ("other", 1.0)])
 
 TFDS example (tf.string scalars unless noted): id, prompt, type, answer ("" for
 none), tests (the tests list as a JSON string), difficulty (tf.float64, NaN
@@ -41,7 +42,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import seqio
@@ -53,6 +54,8 @@ from kimi_jax import tokenizers
 from kimi_jax.data import prompts as prompts_lib
 
 SPLIT = "train"
+# The schema's fields, carried next to `inputs` in task examples.
+METADATA_FEATURES = prompts_lib.FIELDS
 
 
 @dataclasses.dataclass(eq=False)
@@ -210,6 +213,19 @@ def register_task(name: str, jsonl_path: Union[str, os.PathLike],
       preprocessors=[copy_prompt_to_inputs,
                      _tokenize, add_bos_and_drop_overlong],
       shuffle_buffer_size=shuffle_buffer_size)
+
+
+def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]]) -> seqio.Mixture:
+  """Registers (or replaces) seqio mixture `name` of prompt-set tasks, e.g.
+  [("math_prompts", 3.0), ("code_prompts", 1.0)] (same vocabulary for all).
+
+  A mixture passes on only `inputs` unless asked: read it with
+  `get_dataset(..., passthrough_features=METADATA_FEATURES)` to keep the
+  fields a reward needs (`prompt_from_example` then works on its examples).
+  """
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  return seqio.MixtureRegistry.add(name, list(tasks_and_rates))
 
 
 def _tokenize(dataset: tf.data.Dataset,
