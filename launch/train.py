@@ -22,11 +22,13 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from kimi_jax.data.prompts import PromptFileError
+  from kimi_jax.models.hf import HFCheckpointError
   from kimi_jax.rl import settings, trainer
   logging.set_verbosity(logging.INFO)
   try:
     trainer.run(FLAGS.config, FLAGS.workdir)
-  except (settings.ConfigError, FileNotFoundError) as e:
+  except (settings.ConfigError, FileNotFoundError, PromptFileError, HFCheckpointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -140,3 +140,47 @@ def test_apply_verifier_never_raises_and_counts(caplog):
 def test_apply_verifier_length_mismatch_is_caller_error():
   with pytest.raises(ValueError, match="2 prompt records but 1 responses"):
     rewards.apply_verifier(lambda r, s: 1.0, [{}, {}], ["a"])
+
+
+def test_apply_verifier_threads_match_sequential():
+  def verifier(record, response):
+    if response == "boom":
+      raise ValueError("bad")
+    return float(len(response)) / 10
+
+  records = [{"id": i} for i in range(7)]
+  responses = ["a", "boom", "abc", "", "boom", "abcdefgh", "ab"]
+  seq = rewards.apply_verifier(verifier, records, responses)
+  par = rewards.apply_verifier(verifier, records, responses, max_workers=3)
+  np.testing.assert_array_equal(seq.rewards, par.rewards)
+  assert seq.errors == par.errors == {"exception:ValueError": 2}
+
+
+def test_extract_code_prefers_the_last_python_block():
+  text = "Plan.\n```python\nprint(1)\n```\nBetter:\n```py\nprint(2)\n```\n```text\nout\n```"
+  assert rewards.extract_code(text) == "print(2)\n"
+  assert rewards.extract_code("```\nx = 1\n```") == "x = 1\n"
+  assert rewards.extract_code("print(3)") == "print(3)"
+
+
+def test_prompt_verifier_by_type(caplog):
+  from kimi_jax.data.prompts import Prompt
+  verify = rewards.PromptVerifier(math_timeout_s=10.0, code_timeout_s=5.0)
+  math_p = Prompt(id="m", prompt="6/8?", type="math", answer="\\frac{3}{4}")
+  assert verify(math_p, "so the answer is $0.75$.") == 1.0
+  assert verify(math_p, "\\boxed{3/5}") == 0.0
+  mc = Prompt(id="q", prompt="?", type="multiple_choice", answer="(B)")
+  assert verify(mc, "The answer is b.") == 1.0 and verify(mc, "\\boxed{C}") == 0.0
+  tf = Prompt(id="t", prompt="?", type="true_false", answer="False")
+  assert verify(tf, "The answer is **false**") == 1.0 and verify(tf, "no answer") == 0.0
+  code_p = Prompt(id="c", prompt="sum", type="code", tests=(
+      {"input": "1 2\n", "output": "3\n"}, {"input": "-1 -2\n", "output": "-3\n"}))
+  # Passes the first test only: the reward is the pass fraction.
+  program = "```python\na, b = map(int, input().split())\nprint(abs(a) + abs(b))\n```"
+  assert verify(code_p, program) == 0.5
+  proof = Prompt(id="p", prompt="Prove it.", type="proof")
+  with caplog.at_level(logging.WARNING):
+    out = rewards.apply_verifier(verify, [proof, mc], ["QED", "answer is B"])
+  np.testing.assert_array_equal(out.rewards, [0.0, 1.0])
+  assert out.errors == {"exception:ValueError": 1}
+  assert "prompt id 'p'" in caplog.text

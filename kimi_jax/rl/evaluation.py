@@ -6,41 +6,66 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kimi_jax.rl.rewards import apply_verifier
 from kimi_jax.sampling import generate
+
+
+def difficulty_bucket(difficulty):
+  """The per-difficulty metric bucket: ints as they are (synthetic levels),
+  floats to one decimal (a pass-rate difficulty has at most 11 buckets), None
+  for unlabelled prompts (no per-difficulty metric)."""
+  if difficulty is None or isinstance(difficulty, (int, np.integer)):
+    return difficulty
+  rounded = round(float(difficulty), 1)
+  return int(rounded) if rounded.is_integer() else rounded
 
 
 def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[int]],
              decode: Callable[[list[int]], str], score: Callable[[object, str], float],
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, samples: int = 1,
-             seed: int = 0, batch_size: int = 256) -> dict[str, float]:
+             seed: int = 0, batch_size: int = 256,
+             verifier_workers: int = 1) -> dict[str, float]:
   """Sample each problem `samples` times; report mean score and lengths.
 
   Args:
-    problems: objects with `.prompt` (str) and `.difficulty` (int).
+    problems: objects with `.prompt` (str) and `.difficulty` (int, float,
+      or None: not in any per-difficulty metric).
     encode / decode: text <-> token ids (decode stops at eos).
-    score: (problem, response text) -> 1.0 correct / 0.0 wrong.
+    score: (problem, response text) -> 1.0 correct / 0.0 wrong (a pass
+      fraction for code). Run through `rewards.apply_verifier`, so a failing
+      verifier scores 0 and is counted, never ending the run.
     max_new_tokens: response budget per problem.
+    verifier_workers: responses scored in parallel.
 
   Returns:
     `eval/accuracy`, `eval/response_tokens_mean`, and per difficulty d
-    `eval/accuracy_d{d}` and `eval/response_tokens_d{d}` (tokens incl. eos).
+    `eval/accuracy_d{d}` and `eval/response_tokens_d{d}` (tokens incl. eos);
+    `eval/verifier_errors` when the verifier failed on some response.
   """
   acc = collections.defaultdict(list)
   lengths = collections.defaultdict(list)
   prompts = [encode(p.prompt) for p in problems]
+  errors = 0
   for s in range(samples):
     for lo in range(0, len(problems), batch_size):
       chunk = prompts[lo:lo + batch_size]
       outs = generate(cfg, params, chunk, max_new_tokens, temperature=temperature,
                       seed=seed + 1000 * s + lo, eos_id=eos_id,
                       max_length=max(map(len, chunk)) + max_new_tokens)
-      for p, out in zip(problems[lo:lo + batch_size], outs):
-        for key in ("all", p.difficulty):
-          acc[key].append(score(p, decode(out)))
+      chunk_problems = problems[lo:lo + batch_size]
+      scored = apply_verifier(score, chunk_problems, [decode(out) for out in outs],
+                              max_workers=verifier_workers)
+      errors += sum(scored.errors.values())
+      for p, out, value in zip(chunk_problems, outs, scored.rewards.tolist()):
+        bucket = difficulty_bucket(p.difficulty)
+        for key in ("all",) + ((bucket,) if bucket is not None else ()):
+          acc[key].append(value)
           lengths[key].append(len(out))
   metrics = {"eval/accuracy": float(np.mean(acc["all"])),
              "eval/response_tokens_mean": float(np.mean(lengths["all"]))}
   for d in sorted(k for k in acc if k != "all"):
     metrics[f"eval/accuracy_d{d}"] = float(np.mean(acc[d]))
     metrics[f"eval/response_tokens_d{d}"] = float(np.mean(lengths[d]))
+  if errors:
+    metrics["eval/verifier_errors"] = float(errors)
   return metrics

@@ -15,10 +15,12 @@ The group baseline (mean of the K final rewards) is taken later, from
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
 import numbers
+import re
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -177,51 +179,117 @@ class VerifierOutcome(NamedTuple):
   errors: dict
 
 
-Verifier = Callable[[Mapping[str, Any], str], float]
+Verifier = Callable[[Any, str], float]
+
+
+def _score_one(verifier: Verifier, record: Any, response: str):
+  """(reward, None, None) or (0.0, reason, detail); never raises but KeyboardInterrupt."""
+  try:
+    value = verifier(record, response)
+  except KeyboardInterrupt:
+    raise
+  except BaseException as e:  # pylint: disable=broad-except
+    # BaseException: a verifier calling sys.exit must not end the trainer.
+    return 0.0, f"exception:{type(e).__name__}", repr(e)[:500]
+  if not isinstance(value, (numbers.Real, np.bool_)):
+    return 0.0, "non_numeric", f"returned {type(value).__name__}"
+  value = float(value)
+  if not math.isfinite(value):
+    return 0.0, "non_finite", f"returned {value}"
+  return value, None, None
 
 
 def apply_verifier(verifier: Verifier, prompt_records: Sequence[Any],
                    responses: Sequence[str], *,
-                   max_logged_per_reason: int = 3) -> VerifierOutcome:
+                   max_logged_per_reason: int = 3,
+                   max_workers: int = 1) -> VerifierOutcome:
   """Scores B responses with `verifier(prompt_record, response_text)`.
 
   Never raises because of the verifier: an exception, a non-numeric result
   (anything but a real number or bool) or a non-finite number becomes
   reward 0 and is counted under a reason ('exception:<Type>', 'non_numeric',
   'non_finite'); the first `max_logged_per_reason` of each reason per call
-  are logged with their index and message. Only KeyboardInterrupt passes
-  through. A length mismatch between records and responses is the caller's
-  bug and raises ValueError.
+  are logged with their index, prompt id and message. Only KeyboardInterrupt
+  passes through. A length mismatch between records and responses is the
+  caller's bug and raises ValueError.
+
+  max_workers > 1 scores in a thread pool: for verifiers that wait on a
+  subprocess (the code sandbox, the math worker). The result is the same as
+  sequential scoring (each reward lands at its index).
   """
   if len(prompt_records) != len(responses):
     raise ValueError(f"apply_verifier: {len(prompt_records)} prompt records "
                      f"but {len(responses)} responses")
+  pairs = list(zip(prompt_records, responses))
+  if max_workers > 1 and len(pairs) > 1:
+    with concurrent.futures.ThreadPoolExecutor(min(max_workers, len(pairs))) as pool:
+      scored = list(pool.map(lambda rr: _score_one(verifier, *rr), pairs))
+  else:
+    scored = [_score_one(verifier, record, response) for record, response in pairs]
   rewards_B = np.zeros(len(responses), np.float32)
   errors = collections.Counter()
-
-  def fail(reason: str, i: int, detail: str) -> None:
+  for i, (value, reason, detail) in enumerate(scored):
+    if reason is None:
+      rewards_B[i] = value
+      continue
     errors[reason] += 1
     if errors[reason] <= max_logged_per_reason:
       record = prompt_records[i]
-      pid = record.get("id") if isinstance(record, Mapping) else None
+      pid = record.get("id") if isinstance(record, Mapping) else getattr(record, "id", None)
       _LOG.warning("verifier failed on sample %d (prompt id %r): %s: %s", i,
                    pid, reason, detail)
-
-  for i, (record, response) in enumerate(zip(prompt_records, responses)):
-    try:
-      value = verifier(record, response)
-    except KeyboardInterrupt:
-      raise
-    except BaseException as e:  # pylint: disable=broad-except
-      # BaseException: a verifier calling sys.exit must not end the trainer.
-      fail(f"exception:{type(e).__name__}", i, repr(e)[:500])
-      continue
-    if not isinstance(value, (numbers.Real, np.bool_)):
-      fail("non_numeric", i, f"returned {type(value).__name__}")
-      continue
-    value = float(value)
-    if not math.isfinite(value):
-      fail("non_finite", i, f"returned {value}")
-      continue
-    rewards_B[i] = value
   return VerifierOutcome(rewards_B, dict(errors))
+
+
+# ------------------------------------------------- verifiers by prompt type
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.S)
+
+
+def extract_code(response: str) -> str:
+  """The program in a response: the last fenced block tagged python (or
+  py / python3), else the last fenced block, else the whole response."""
+  blocks = _FENCE.findall(response)
+  tagged = [body for lang, body in blocks if lang.lower() in ("python", "py", "python3")]
+  if tagged:
+    return tagged[-1]
+  return blocks[-1][1] if blocks else response
+
+
+def _choice(text: str) -> str:
+  """"(B)." / "**b**" / "True" -> "b" / "b" / "true": the label alone, casefolded."""
+  return " ".join(text.split()).strip("()[]{}*.:$ ").casefold()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptVerifier:
+  """The reward of a response to a `data.prompts.Prompt`, by its type.
+
+    math             1/0: `verifiers.math.verify` (math-verify equivalence)
+    code             passed / total tests of `verifiers.code.run_tests` on
+                     the response's program (`extract_code`)
+    multiple_choice, true_false
+                     1/0: the final answer (\\boxed{}, "answer is ...")
+                     equals `answer` up to case, spaces and brackets
+    proof            no verifier: raises (counted by `apply_verifier`);
+                     curation drops proofs (report §2.1)
+  Verifier timeouts and sandbox failures are reward 0 (the verifiers never
+  raise on a response).
+  """
+  math_timeout_s: float = 5.0
+  code_timeout_s: float = 5.0
+
+  def __call__(self, prompt, response: str) -> float:
+    kind = prompt.type
+    if kind == "math":
+      from kimi_jax.verifiers import math as math_verifier  # pylint: disable=g-import-not-at-top
+      return float(math_verifier.verify(response, prompt.answer, self.math_timeout_s))
+    if kind == "code":
+      from kimi_jax.verifiers import code  # pylint: disable=g-import-not-at-top
+      result = code.run_tests(extract_code(response), list(prompt.tests), self.code_timeout_s)
+      return result.passed / result.total
+    if kind in ("multiple_choice", "true_false"):
+      from kimi_jax.verifiers import exact  # pylint: disable=g-import-not-at-top
+      answer = exact.extract_final(response)
+      return float(answer is not None and _choice(answer) == _choice(prompt.answer))
+    raise ValueError(f"prompt {prompt.id!r}: no verifier for type {kind!r}")

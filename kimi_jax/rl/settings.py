@@ -4,14 +4,25 @@ Each sub-dict of an RL config (`model`, `data`, `sft`, `rollout`, `rl`,
 `optim`, `eval`) becomes the frozen dataclass(es) its library module takes.
 Unknown keys and bad values fail here with the config path in the message,
 so a malformed `--config.x.y=...` override stops before any work starts.
+
+Two optional sources (see README "Prompt files and HF checkpoints"):
+  config.model.hf_path   a Hugging Face checkpoint directory: its config.json
+                         gives the architecture (keys also set in
+                         config.model must agree with it), its weights the
+                         starting params (loaded by the trainer).
+  config.data.train_file prompt JSONL files + a tokenizer.json instead of the
+                         synthetic tasks (`PromptFileData`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import json
+import os
+from typing import Any, Optional, Union
 
 import ml_collections
 
+from kimi_jax.models import hf
 from kimi_jax.models.transformer import ModelConfig, RopeScaling
 from kimi_jax.rl.losses import LossConfig
 from kimi_jax.rl.prompt_sampler import PromptSamplerConfig
@@ -52,6 +63,42 @@ class DataSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptFileData:
+  """Prompt-set JSONL files (data/prompts.py schema) and their tokenizer.
+
+  train_file / heldout_file: JSONL paths (ids must not overlap).
+  tokenizer: a tokenizer.json, or a directory holding one (e.g. the HF
+    checkpoint directory); its EOS ends responses.
+  skip_invalid: False: a broken line stops the run before any work, naming
+    file:line:field. True: broken lines are skipped, counted in the log and
+    in the `data/skipped_prompts` metric.
+  add_bos: prepend the tokenizer's BOS to every prompt (Llama 3 expects it).
+  verifier_workers: responses scored in parallel (code sandbox, math worker).
+  math_timeout_s, code_timeout_s: per equivalence check / per code test.
+  """
+  train_file: str
+  heldout_file: str
+  tokenizer: str
+  skip_invalid: bool = False
+  add_bos: bool = False
+  verifier_workers: int = 2
+  math_timeout_s: float = 5.0
+  code_timeout_s: float = 5.0
+
+  def __post_init__(self):
+    for name in ("train_file", "heldout_file", "tokenizer"):
+      if not isinstance(getattr(self, name), str) or not getattr(self, name):
+        raise ValueError(f"{name} must be a non-empty path, got {getattr(self, name)!r}")
+    for name in ("skip_invalid", "add_bos"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    if not isinstance(self.verifier_workers, int) or self.verifier_workers < 1:
+      raise ValueError(f"verifier_workers must be an int >= 1, got {self.verifier_workers!r}")
+    if not self.math_timeout_s > 0 or not self.code_timeout_s > 0:
+      raise ValueError("math_timeout_s and code_timeout_s must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTData:
   """How warm-up examples are drawn from the train split."""
   n_examples: int = 4000
@@ -83,7 +130,7 @@ class Settings:
   checkpoint_every: int
   keep_checkpoints: int
   model: ModelConfig
-  data: DataSettings
+  data: Union[DataSettings, PromptFileData]
   sft_steps: int
   sft: Any  # kimi_jax.sft.SFTConfig (None when sft_steps == 0)
   sft_data: SFTData
@@ -96,6 +143,7 @@ class Settings:
   update: UpdateConfig
   rl: RLExtras
   eval: EvalSettings
+  hf_path: Optional[str] = None  # starting weights (else random init + SFT warm-up)
 
 
 def _positive_int(config, name):
@@ -103,6 +151,50 @@ def _positive_int(config, name):
   if not isinstance(value, int) or isinstance(value, bool) or value < 0:
     raise ConfigError(f"config.{name} must be an int >= 0, got {value!r}")
   return value
+
+
+def _model(model: dict) -> tuple[ModelConfig, Optional[str]]:
+  """ModelConfig from config.model, or from the config.json of `hf_path`."""
+  if model.get("rope_scaling"):
+    model["rope_scaling"] = _build(RopeScaling, "model.rope_scaling", model["rope_scaling"])
+  hf_path = model.pop("hf_path", None)
+  if not hf_path:
+    return _build(ModelConfig, "model", model), None
+  hf_path = os.path.abspath(os.path.expanduser(hf_path))
+  config_file = os.path.join(hf_path, hf.CONFIG_NAME)
+  try:
+    with open(config_file) as f:
+      hf_config = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"config.model.hf_path: {config_file} does not exist") from None
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.model.hf_path: cannot read {config_file}: {e}") from None
+  # RL updates want fp32 master weights, whatever dtype the checkpoint stores.
+  numerics = {"param_dtype": model.pop("param_dtype", "float32"), "dtype": model.pop("dtype", None)}
+  try:
+    cfg = hf.config_from_hf(hf_config, source=config_file, **numerics)
+  except ValueError as e:
+    raise ConfigError(f"config.model.hf_path: {e}") from None
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  for key, value in sorted(model.items()):
+    if key not in names:
+      raise ConfigError(f"config.model: unknown key {key!r} for ModelConfig; known: "
+                        f"{sorted(names | {'hf_path'})}")
+    if value != getattr(cfg, key):
+      raise ConfigError(f"config.model.{key}={value!r} but {config_file} says "
+                        f"{getattr(cfg, key)!r}; with config.model.hf_path the architecture "
+                        "comes from the checkpoint (drop the key)")
+  return cfg, hf_path
+
+
+def _data(data: dict):
+  """Prompt files when config.data names a train_file, else synthetic tasks."""
+  if "train_file" in data:
+    return _build(PromptFileData, "data", data)
+  for key in ("tasks", "difficulties"):
+    if data.get(key) is not None:
+      data[key] = tuple(data[key])
+  return _build(DataSettings, "data", data)
 
 
 def from_config(config: ml_collections.ConfigDict) -> Settings:
@@ -115,13 +207,8 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
   if top["eval_every"] < 1 or top["checkpoint_every"] < 1:
     raise ConfigError("config.eval_every and config.checkpoint_every must be >= 1")
 
-  model = dict(c["model"])
-  if model.get("rope_scaling"):
-    model["rope_scaling"] = _build(RopeScaling, "model.rope_scaling", model["rope_scaling"])
-  data = dict(c["data"])
-  for key in ("tasks", "difficulties"):
-    if data.get(key) is not None:
-      data[key] = tuple(data[key])
+  model, hf_path = _model(dict(c["model"]))
+  data = _data(dict(c["data"]))
   sft = dict(c["sft"])
   sft_data = _take(sft, ("n_examples", "long_frac", "error_rate"))
   sft_steps = sft.get("steps", 0)
@@ -143,8 +230,8 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
 
   settings = Settings(
       **top,
-      model=_build(ModelConfig, "model", model),
-      data=_build(DataSettings, "data", data),
+      model=model,
+      data=data,
       sft_steps=sft_steps,
       sft=_build(SFTConfig, "sft", sft) if sft_steps else None,
       sft_data=_build(SFTData, "sft", sft_data),
@@ -157,7 +244,12 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
       update=_build(UpdateConfig, "optim", dict(c["optim"])),
       rl=_build(RLExtras, "rl", extras),
       eval=_build(EvalSettings, "eval", dict(c["eval"])),
+      hf_path=hf_path,
   )
+  if isinstance(data, PromptFileData) and sft_steps:
+    raise ConfigError(f"config.sft.steps={sft_steps}: the SFT warm-up trains on synthetic "
+                      "traces; with config.data.train_file set it to 0 and start from a "
+                      "warmed-up checkpoint (config.model.hf_path)")
   if settings.rl.minibatch_size % settings.update.microbatch_size:
     raise ConfigError(f"config.rl.minibatch_size ({settings.rl.minibatch_size}) must be a "
                       f"multiple of config.optim.microbatch_size "

@@ -11,6 +11,13 @@
      orbax step holding params, optimizer state and all host-side state.
 Iteration 0 evaluates the starting (post-SFT) policy before any RL update.
 
+The prompts, their codec and their reward come from a `tasks.Task`: the
+synthetic tasks (byte vocabulary) by default, or prompt JSONL files with a
+tokenizer.json and a verifier per prompt type. Starting weights are random
+(then SFT-warmed) or a HF checkpoint (`config.model.hf_path`). Bad prompt
+files and tokenizers fail when the Trainer is built, before anything is
+written.
+
 Resume is exact: all randomness derives from (seed, iteration), and the
 scheduler / prompt-sampler state is restored from the checkpoint. Metrics
 rows written after the last checkpoint by a killed run are moved to
@@ -31,14 +38,15 @@ from tqdm import tqdm
 
 from kimi_jax.checkpointing import Checkpointer
 from kimi_jax.compile_count import total_compiles
-from kimi_jax.data import synthetic
 from kimi_jax.metrics import MetricsWriter, read_metrics
+from kimi_jax.models import hf
 from kimi_jax.models.transformer import init_params
 from kimi_jax.plots import write_plots
 from kimi_jax.rl import batch as batch_lib
 from kimi_jax.rl import rewards as rewards_lib
 from kimi_jax.rl import settings as settings_lib
-from kimi_jax.rl.evaluation import evaluate
+from kimi_jax.rl import tasks as tasks_lib
+from kimi_jax.rl.evaluation import difficulty_bucket, evaluate
 from kimi_jax.rl.prompt_sampler import PromptSampler
 from kimi_jax.rl.update import TrainState, make_optimizer, make_ref_logprobs, make_train_step
 from kimi_jax.rl.update import set_learning_rate
@@ -46,7 +54,7 @@ from kimi_jax.sampling.partial import RolloutScheduler
 from kimi_jax.sampling.segment import SegmentSampler
 from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
 
-# The main job is byte-level (seqio.ByteVocabulary ids).
+# The synthetic default is byte-level (seqio.ByteVocabulary ids).
 EOS_ID = BYTE_EOS_ID
 encode, decode = byte_encode, byte_decode
 
@@ -74,15 +82,35 @@ def prepare_workdir(workdir: str) -> str:
   return workdir
 
 
-def warm_up(s: settings_lib.Settings, params, train):
+def warm_up(s: settings_lib.Settings, params, task: tasks_lib.Task):
   """Long-CoT SFT on verified traces of the train split (method spec §5)."""
   from kimi_jax import sft
-  examples = sft.synthetic_examples(train, s.sft_data.n_examples, encode,
+  examples = sft.synthetic_examples(task.sft_problems, s.sft_data.n_examples, task.encode,
                                     long_frac=s.sft_data.long_frac,
                                     error_rate=s.sft_data.error_rate, seed=s.seed)
   logging.info("SFT warm-up: %d examples, %d steps", len(examples), s.sft.steps)
-  params, history = sft.run_sft(s.model, params, examples, s.sft, eos_id=EOS_ID)
+  params, history = sft.run_sft(s.model, params, examples, s.sft, eos_id=task.eos_id)
   return params, history
+
+
+def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key):
+  """Starting weights: the HF checkpoint of `s.hf_path`, else random init +
+  SFT warm-up (if configured)."""
+  if s.hf_path:
+    t = time.perf_counter()
+    cfg, params = hf.load_pretrained(s.hf_path, dtype=s.model.dtype,
+                                     param_dtype=s.model.param_dtype)
+    if cfg != s.model:  # settings read the same config.json: a change under our feet
+      raise settings_lib.ConfigError(f"config.model.hf_path {s.hf_path}: config.json "
+                                     f"changed since the run was configured")
+    logging.info("Loaded %s in %.0f s", s.hf_path, time.perf_counter() - t)
+    return params
+  params = init_params(s.model, key)
+  if s.sft_steps:
+    t = time.perf_counter()
+    params, _ = warm_up(s, params, task)
+    logging.info("SFT warm-up done in %.0f s", time.perf_counter() - t)
+  return params
 
 
 class Trainer:
@@ -90,14 +118,13 @@ class Trainer:
 
   def __init__(self, s: settings_lib.Settings, workdir: str):
     self.s, self.workdir = s, workdir
-    self.train, self.heldout = synthetic.make_splits(
-        s.seed, s.data.n_train, s.data.n_heldout, difficulties=s.data.difficulties,
-        tasks=s.data.tasks, heldout_frac=s.data.heldout_frac)
+    self.task = tasks_lib.make_task(s)  # reads and checks the data first: fail before work
+    self.train, self.heldout = self.task.train, self.task.heldout
     self.optimizer = make_optimizer(s.update)
     self.train_step = make_train_step(s.model, s.loss, s.update, self.optimizer)
     self.ref_logprobs = make_ref_logprobs(s.model, s.update.microbatch_size)
     budget_slots = s.scheduler.max_length if not s.scheduler.partial else s.scheduler.segment_budget
-    self.engine = SegmentSampler(s.model, s.sampling, s.repeat, EOS_ID, budget_slots,
+    self.engine = SegmentSampler(s.model, s.sampling, s.repeat, self.task.eos_id, budget_slots,
                                  min_width=s.scheduler.max_prompt_length)
     self.base_key = jax.random.PRNGKey(s.seed)
 
@@ -109,13 +136,14 @@ class Trainer:
 
   def prompt_source(self, sampler):
     def source(n, iteration):
-      return [(i, encode(self.train[i].prompt)) for i in sampler.sample(n, iteration)]
+      return [(i, self.task.encode(self.train[i].prompt)) for i in sampler.sample(n, iteration)]
     return source
 
   def evaluate(self, params, iteration) -> dict:
     e = self.s.eval
-    kw = dict(encode=encode, decode=decode, score=synthetic.reward, eos_id=EOS_ID,
-              max_new_tokens=e.max_new_tokens)
+    t = self.task
+    kw = dict(encode=t.encode, decode=t.decode, score=t.score, eos_id=t.eos_id,
+              max_new_tokens=e.max_new_tokens, verifier_workers=t.verifier_workers)
     out = evaluate(self.s.model, params, self.heldout, temperature=e.temperature,
                    samples=e.samples, seed=self.s.seed + 7919 * iteration, **kw)
     if e.greedy:
@@ -126,8 +154,9 @@ class Trainer:
   def rewards(self, groups, iteration):
     """Final rewards [G, K] and reward metrics for completed groups."""
     records = [self.train[g.prompt_idx] for g in groups for _ in g.trajectories]
-    texts = [decode(t.response) for g in groups for t in g.trajectories]
-    outcome = rewards_lib.apply_verifier(synthetic.reward, records, texts)
+    texts = [self.task.decode(t.response) for g in groups for t in g.trajectories]
+    outcome = rewards_lib.apply_verifier(self.task.score, records, texts,
+                                         max_workers=self.task.verifier_workers)
     G, K = len(groups), len(groups[0].trajectories)
     task_GK = np.asarray(outcome.rewards, np.float32).reshape(G, K)
     lengths_GK = np.array([[t.response_len for t in g.trajectories] for g in groups]).reshape(G, K)
@@ -137,9 +166,13 @@ class Trainer:
          "rollout/task_reward_mean": float(task_GK.mean()),
          "rollout/response_tokens_mean": float(lengths_GK.mean()),
          "rollout/verifier_errors": float(sum(outcome.errors.values()))}
-    difficulty_GK = np.array([[self.train[g.prompt_idx].difficulty] * K for g in groups])
-    for d in np.unique(difficulty_GK):
-      m[f"rollout/response_tokens_d{d}"] = float(lengths_GK[difficulty_GK == d].mean())
+    # Per reason only when it happens: a rare event, and the synthetic rows stay as they were.
+    for reason, count in sorted(outcome.errors.items()):
+      m[f"rollout/verifier_errors/{reason}"] = float(count)
+    difficulty_G = [difficulty_bucket(self.train[g.prompt_idx].difficulty) for g in groups]
+    for d in sorted({d for d in difficulty_G if d is not None}):
+      rows = [i for i, dg in enumerate(difficulty_G) if dg == d]
+      m[f"rollout/response_tokens_d{d}"] = float(lengths_GK[rows].mean())
     return task_GK, total_GK, m
 
   def update(self, params, groups, total_GK, iteration, step, skipped):
@@ -231,15 +264,12 @@ def run(config, workdir: str) -> list[dict]:
   skipped = jnp.zeros((), jnp.int32)
   if restored is None:
     writer.truncate_after(-1)
-    params = init_params(s.model, tr.base_key)
-    if s.sft_steps:
-      t = time.perf_counter()
-      params, _ = warm_up(s, params, tr.train)
-      logging.info("SFT warm-up done in %.0f s", time.perf_counter() - t)
+    params = initial_params(s, tr.task, tr.base_key)
     opt_state = tr.optimizer.init(params)
     row = tr.evaluate(params, 0)
     writer.write(0, {"train/loss": float("nan"), "rollout/reward_mean": float("nan"),
-                     "rollout/response_tokens_mean": float("nan"), **row})
+                     "rollout/response_tokens_mean": float("nan"), **row,
+                     **tr.task.metrics()})
     ckpt.save(0, params=params, opt_state=opt_state, host_state=_host_state(0, sampler, scheduler, s))
     start = 1
   else:
@@ -267,6 +297,7 @@ def run(config, workdir: str) -> list[dict]:
     if it % s.eval_every == 0 or last:
       row.update(tr.evaluate(params, it))
     row["time/compiles"] = total_compiles() - compiles
+    row.update(tr.task.metrics())
     writer.write(it, row)
     bar.set_postfix(reward=f"{row.get('rollout/reward_mean', float('nan')):.3f}",
                     acc=f"{row.get('eval/accuracy', float('nan')):.3f}")

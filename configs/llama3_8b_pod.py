@@ -1,0 +1,52 @@
+r"""k1.5 RL of Llama 3 8B on curated math/code prompts, sized for a TPU pod.
+
+Local directories (on every host; nothing is downloaded by the run):
+  ~/models/Meta-Llama-3-8B  a HF checkpoint: config.json, *.safetensors,
+      tokenizer.json + tokenizer_config.json (which names the EOS,
+      "<|end_of_text|>" for the base model), e.g.
+      `huggingface-cli download meta-llama/Meta-Llama-3-8B --local-dir ~/models/Meta-Llama-3-8B`.
+      Point it at your long-CoT warmed-up checkpoint to follow the report.
+  ~/data/k15/train.jsonl, ~/data/k15/heldout.jsonl
+      prompt sets in the data/prompts.py schema, with a difficulty per
+      prompt for the curriculum (launch/curate.py writes both).
+
+  python -m launch.train --config=configs/llama3_8b_pod.py --workdir=$HOME/runs/llama3_8b \
+      --config.model.hf_path=$HOME/models/Meta-Llama-3-8B \
+      --config.data.train_file=$HOME/data/k15/train.jsonl \
+      --config.data.heldout_file=$HOME/data/k15/heldout.jsonl
+
+The tokenizer follows --config.model.hf_path. Variants: `:smoke` is the same
+recipe at toy sizes (tests/test_recipes.py runs it on a tiny random checkpoint).
+The sizes below are for a pod (v5p-64 class): the trainer spreads them over
+the devices once it shards through kimi_jax/parallel.py; until then it runs
+in one process, on that process's devices.
+
+Sizes: 128 prompts x 8 samples = 1024 rollout rows per iteration, 8192
+tokens (the model's context: 1024 prompt + 7168 response, 2048 new tokens
+per iteration with partial rollouts), 4 optimizer steps of 256 samples per
+iteration (microbatches of 8 per step and replica). Llama 3 8B: 32 layers,
+width 4096, 32 heads / 8 kv heads, untied embeddings, vocab 128256; prompts
+start with BOS "<|begin_of_text|>" as in pretraining.
+"""
+import ml_collections
+
+from configs import prompt_rl
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = prompt_rl.base_config(
+      hf_path="~/models/Meta-Llama-3-8B",
+      train_file="~/data/k15/train.jsonl",
+      heldout_file="~/data/k15/heldout.jsonl",
+      add_bos=True,  # Llama 3 was pretrained with <|begin_of_text|> first
+      total_iterations=150,
+      prompts_per_iteration=128,
+      max_length=8192, max_prompt_length=1024, segment_budget=2048,
+      minibatch_size=256, microbatch_size=8,
+      learning_rate=1e-6)  # spec: AdamW 1e-6..1e-5; the low end for a pretrained model
+  c.data.verifier_workers = 32  # pod hosts have many cores for the sandbox
+  if arg == "smoke":
+    c = prompt_rl.smoke(c)
+  elif arg:
+    raise ValueError(f"configs/llama3_8b_pod.py: unknown variant {arg!r} (known: smoke)")
+  return c

@@ -1,0 +1,47 @@
+r"""k1.5 RL of Qwen2.5-Math-1.5B on curated math/code prompts (one TPU host or a small pod).
+
+Local directories (nothing is downloaded by the run):
+  ~/models/Qwen2.5-Math-1.5B  a HF checkpoint: config.json, *.safetensors,
+      tokenizer.json (+ tokenizer_config.json, which names the EOS), e.g.
+      `huggingface-cli download Qwen/Qwen2.5-Math-1.5B --local-dir ~/models/Qwen2.5-Math-1.5B`.
+      Point it at your long-CoT warmed-up checkpoint to follow the report.
+  ~/data/k15/math_train.jsonl, ~/data/k15/math_heldout.jsonl
+      prompt sets in the data/prompts.py schema, with a difficulty per
+      prompt for the curriculum (launch/curate.py writes both).
+
+  python -m launch.train --config=configs/qwen2_5_math_1_5b.py --workdir=$HOME/runs/qwen_math \
+      --config.model.hf_path=$HOME/models/Qwen2.5-Math-1.5B \
+      --config.data.train_file=$HOME/data/k15/math_train.jsonl \
+      --config.data.heldout_file=$HOME/data/k15/math_heldout.jsonl
+
+The tokenizer follows --config.model.hf_path (override config.data.tokenizer
+to use another tokenizer.json). Variants: `:smoke` is the same recipe at toy
+sizes (tests/test_recipes.py runs it on a tiny random checkpoint).
+
+Sizes: 64 prompts x 8 samples = 512 rollout rows per iteration, 4096 tokens
+(the model's context: 512 prompt + 3584 response, 1024 new tokens per
+iteration with partial rollouts), 4 optimizer steps of 128 samples per
+iteration (microbatches of 16). Qwen2.5-Math-1.5B: 28 layers, width 1536,
+12 heads / 2 kv heads, tied embeddings, vocab 151936, no BOS token.
+"""
+import ml_collections
+
+from configs import prompt_rl
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  c = prompt_rl.base_config(
+      hf_path="~/models/Qwen2.5-Math-1.5B",
+      train_file="~/data/k15/math_train.jsonl",
+      heldout_file="~/data/k15/math_heldout.jsonl",
+      add_bos=False,  # Qwen2 tokenizers have no BOS
+      total_iterations=150,
+      prompts_per_iteration=64,
+      max_length=4096, max_prompt_length=512, segment_budget=1024,
+      minibatch_size=128, microbatch_size=16,
+      learning_rate=1e-6)  # spec: AdamW 1e-6..1e-5; the low end for a pretrained model
+  if arg == "smoke":
+    c = prompt_rl.smoke(c)
+  elif arg:
+    raise ValueError(f"configs/qwen2_5_math_1_5b.py: unknown variant {arg!r} (known: smoke)")
+  return c
