@@ -128,6 +128,7 @@ def test_full_recipe_validates_against_the_real_config_json(tmp_path, family):
       real["num_hidden_layers"], real["hidden_size"], real["vocab_size"])
   assert (s.model.param_dtype, s.model.dtype) == ("float32", "bfloat16")
   assert s.hf_path == str(tmp_path) and s.data.tokenizer == str(tmp_path)
+  assert s.data.train_file.startswith(os.path.expanduser("~/data/k15/"))
   assert s.scheduler.max_length == real["max_position_embeddings"]
   assert s.scheduler.num_slots == 8 * s.scheduler.samples_per_prompt * (8 if family == "qwen2" else 16)
   # 1-4 optimizer steps per iteration (method spec, impl. note 5).

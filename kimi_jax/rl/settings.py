@@ -5,7 +5,8 @@ Each sub-dict of an RL config (`model`, `data`, `sft`, `rollout`, `rl`,
 Unknown keys and bad values fail here with the config path in the message,
 so a malformed `--config.x.y=...` override stops before any work starts.
 
-Two optional sources (see README "Prompt files and HF checkpoints"):
+Two optional sources (README "Training on prompt files with a Hugging Face
+checkpoint"):
   config.model.hf_path   a Hugging Face checkpoint directory: its config.json
                          gives the architecture (keys also set in
                          config.model must agree with it), its weights the
@@ -190,6 +191,9 @@ def _model(model: dict) -> tuple[ModelConfig, Optional[str]]:
 def _data(data: dict):
   """Prompt files when config.data names a train_file, else synthetic tasks."""
   if "train_file" in data:
+    for key in ("train_file", "heldout_file", "tokenizer"):
+      if isinstance(data.get(key), str):  # recipes name ~/ paths; gs:// is left alone
+        data[key] = os.path.expanduser(data[key])
     return _build(PromptFileData, "data", data)
   for key in ("tasks", "difficulties"):
     if data.get(key) is not None:
