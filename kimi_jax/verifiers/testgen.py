@@ -43,6 +43,13 @@ from kimi_jax.verifiers import code, sandbox
 
 Generator = Union[str, Callable[[int], str]]
 
+# The code verifier's own rules (run failure, stdout normalisation, compile
+# check), so a generated test grades in `code.run_tests` as it voted here.
+# pylint: disable=protected-access
+_failure_reason, _normalize_stdout = code._failure_reason, code._normalize_stdout
+_syntax_error = code._syntax_error
+# pylint: enable=protected-access
+
 # Runs the model-written generator in the jail. It decides nothing: it only
 # prints each (seed, input) as one JSON line after a per-run marker, flushing
 # so the inputs made before a timeout still come back.
@@ -105,11 +112,13 @@ class TestGenConfig:
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"TestGenConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
     if not 0.5 < self.test_agreement <= 1.0:
-      raise ValueError(f"TestGenConfig.test_agreement must be in (0.5, 1], got {self.test_agreement!r}")
+      raise ValueError("TestGenConfig.test_agreement must be in (0.5, 1], got "
+                       f"{self.test_agreement!r}")
     if not 0.0 < self.problem_pass <= 1.0:
       raise ValueError(f"TestGenConfig.problem_pass must be in (0, 1], got {self.problem_pass!r}")
     if not isinstance(self.min_valid_tests, int) or self.min_valid_tests < 0:
-      raise ValueError(f"TestGenConfig.min_valid_tests must be an int >= 0, got {self.min_valid_tests!r}")
+      raise ValueError("TestGenConfig.min_valid_tests must be an int >= 0, got "
+                       f"{self.min_valid_tests!r}")
     if self.timeout_s <= 0 or self.generator_timeout_s <= 0:
       raise ValueError("TestGenConfig timeouts must be > 0")
 
@@ -206,14 +215,15 @@ def make_inputs(generator: Generator, cfg: TestGenConfig) -> tuple[list[str], di
         produced.append((seed, None, f"{type(e).__name__}: {e}"[:200]))
   elif isinstance(generator, str):
     # Compiling here is safe and spares a sandbox run for a broken generator.
-    failure = code._syntax_error(generator.encode("utf-8", "replace"))  # pylint: disable=protected-access
+    failure = _syntax_error(generator.encode("utf-8", "replace"))
     if failure is None:
       produced, failure = _run_generator(generator, seeds, cfg)
     failure = failure and f"generator {failure}"
     if failure is not None:
       errors[failure] += cfg.num_tests - len(produced)
   else:
-    raise ValueError(f"generator must be Python source or a callable, got {type(generator).__name__}")
+    raise ValueError("generator must be Python source or a callable, got "
+                     f"{type(generator).__name__}")
   inputs, seen = [], set()
   for _, value, error in produced:
     if error is not None or not isinstance(value, str):
@@ -251,7 +261,7 @@ def _run_generator(source: str, seeds: list[int], cfg: TestGenConfig):
       except ValueError:
         continue  # a line cut by a kill
       produced.append((seed, value, error[0] if error else None))
-  failure = code._failure_reason(run)  # pylint: disable=protected-access
+  failure = _failure_reason(run)
   if failure is None and len(produced) < len(seeds):
     failure = "runtime_error: exited early"
   return produced, failure
@@ -264,10 +274,10 @@ def _reference_output(source: bytes, stdin: str, cfg: TestGenConfig) -> Optional
                               stdin.encode("utf-8"), cfg.timeout_s, cfg.limits)
   except Exception:  # pylint: disable=broad-except
     return None  # host trouble: this run agrees with nobody
-  if code._failure_reason(run) is not None:  # pylint: disable=protected-access
+  if _failure_reason(run) is not None:
     return None
   # One canonical text per normalised output, so equal outputs vote together.
-  return _as_text(code._normalize_stdout(run.stdout.decode("utf-8", "replace")))  # pylint: disable=protected-access
+  return _as_text(_normalize_stdout(run.stdout.decode("utf-8", "replace")))
 
 
 def reference_outputs(references: Sequence[str], inputs: Sequence[str],
@@ -275,12 +285,13 @@ def reference_outputs(references: Sequence[str], inputs: Sequence[str],
   """outputs_RI for `vote`: every reference on every input, in the sandbox."""
   encoded = [r.encode("utf-8", "replace") for r in references]
   # A reference that does not compile would fail every run: spare the sandbox.
-  broken = [code._syntax_error(src) is not None for src in encoded]  # pylint: disable=protected-access
+  broken = [_syntax_error(src) is not None for src in encoded]
   outputs = [[None] * len(inputs) for _ in references]
   jobs = [(r, i) for r in range(len(references)) if not broken[r] for i in range(len(inputs))]
   if not jobs:
     return outputs
-  with concurrent.futures.ThreadPoolExecutor(max(1, cfg.max_workers or os.cpu_count() or 1)) as pool:
+  workers = max(1, cfg.max_workers or os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     futures = {pool.submit(_reference_output, encoded[r], inputs[i], cfg): (r, i) for r, i in jobs}
     for future, (r, i) in futures.items():
       outputs[r][i] = future.result()
