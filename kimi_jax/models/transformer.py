@@ -5,7 +5,10 @@ H query heads, K kv heads, G = H // K query heads per kv head, E head dim,
 F MLP width, V vocab.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`)
-so that sharding is a table of rules in `kimi_jax/parallel.py`. Layers are
+so that sharding is a table of rules in `kimi_jax/parallel.py`; activations
+are pinned with `nn.with_logical_constraint` at the few points where XLA's
+propagation needs a hint (a no-op unless a mesh and rules are active, i.e.
+under `parallel.Layout.activate`). Layers are
 unrolled (`layers_0`, `layers_1`, ...) rather than scanned: on the decode path
 a scan over stacked weights slices every weight every step, which measured
 about twice the matmul time on CPU.
@@ -141,6 +144,14 @@ def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
   return out.astype(x_BTNE.dtype)
 
 
+# Logical activation axes (rules in kimi_jax/parallel.py).
+ACT_BTD = ("activation_batch", "activation_length", "activation_embed")
+ACT_BTHE = ("activation_batch", "activation_length", "activation_heads", None)
+ACT_BTKE = ("activation_batch", "activation_length", "activation_kv_heads", None)
+ACT_BTF = ("activation_batch", "activation_length", "activation_mlp")
+ACT_BTV = ("activation_batch", "activation_length", "activation_vocab")
+
+
 def _kernel_init():
   return nn.initializers.normal(stddev=0.02)
 
@@ -185,6 +196,11 @@ class Attention(nn.Module):
     q_BTHE = self._proj("q", x_BTD, cfg.num_heads, ("q_heads", "head_dim"))
     k_BTKE = self._proj("k", x_BTD, K, ("kv_heads", "head_dim"))
     v_BTKE = self._proj("v", x_BTD, K, ("kv_heads", "head_dim"))
+    # Heads over `tensor`, rows over the data axes: under FSDP this makes XLA
+    # gather the weights rather than the activations.
+    q_BTHE = nn.with_logical_constraint(q_BTHE, ACT_BTHE)
+    k_BTKE = nn.with_logical_constraint(k_BTKE, ACT_BTKE)
+    v_BTKE = nn.with_logical_constraint(v_BTKE, ACT_BTKE)
     inv_freq = rope_inv_freq(cfg)
     q_BTHE = apply_rope(q_BTHE, positions_BT, inv_freq)
     k_BTKE = apply_rope(k_BTKE, positions_BT, inv_freq)
@@ -229,7 +245,8 @@ class MLP(nn.Module):
     d, f = cfg.hidden_size, cfg.intermediate_size
     gate = x_BTD @ kernel("gate", (d, f), ("embed", "mlp"))
     up = x_BTD @ kernel("up", (d, f), ("embed", "mlp"))
-    return (nn.silu(gate) * up) @ kernel("down", (f, d), ("mlp", "embed"))
+    hidden_BTF = nn.with_logical_constraint(nn.silu(gate) * up, ACT_BTF)
+    return hidden_BTF @ kernel("down", (f, d), ("mlp", "embed"))
 
 
 class Block(nn.Module):
@@ -302,12 +319,18 @@ class Transformer(nn.Module):
       if positions_BT is None:
         positions_BT = cache.positions(T)
 
-    x_BTD = jnp.take(jnp.asarray(self.embed, cfg.compute_dtype), tokens_BT, axis=0)
+    # FSDP: gather the table's model-width shards before the lookup (the
+    # gather cannot move from width-sharded to row-sharded output cheaply).
+    embed_VD = nn.with_logical_constraint(jnp.asarray(self.embed, cfg.compute_dtype),
+                                          ("vocab", None))
+    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0)
+    x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       cache_kv = None if cache is None else (cache.k[i], cache.v[i])
       x_BTD, (k, v) = layer(x_BTD, positions_BT, mask_BTS, cache_kv,
                             None if cache is None else cache.index)
+      x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
       new_k.append(k)
       new_v.append(v)
     x_BTD = self.final_norm(x_BTD)
@@ -317,7 +340,7 @@ class Transformer(nn.Module):
       logits = jnp.einsum("btd,vd->btv", x_BTD, jnp.asarray(self.embed, x_BTD.dtype))
     else:
       logits = x_BTD @ jnp.asarray(self.lm_head, x_BTD.dtype)
-    logits = logits.astype(jnp.float32)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ACT_BTV)
     if cache is None:
       return logits
     return logits, cache.replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + T)

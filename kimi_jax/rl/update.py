@@ -12,13 +12,20 @@ iteration solves a new mirror-descent problem.
 
 Token alignment: `logp_NT[:, t] = log pi(tokens[t] | tokens[<t])` for t >= 1
 and 0 at t = 0, so a mask over response TOKENS selects their log-probs.
+
+Sharding: given a `parallel.Layout` (the training layout), both jitted
+functions take and return arrays in it (in/out shardings), microbatches stay
+split over the data axes, and gradients stay laid out like the params.
+Without one they run exactly as before (no mesh, no constraints).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -26,6 +33,9 @@ import optax
 
 from kimi_jax.models.transformer import ModelConfig, Transformer
 from kimi_jax.rl import losses
+
+if TYPE_CHECKING:
+  from kimi_jax.parallel import Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,20 +97,46 @@ def token_logprobs(cfg: ModelConfig, params, tokens_NT: jax.Array) -> jax.Array:
 
 
 def _microbatches(x, n):
-  """[N, ...] -> [N // n, n, ...]."""
-  return x.reshape((x.shape[0] // n, n) + x.shape[1:])
+  """[N, ...] -> [N // n, n, ...]; each microbatch split over the data axes
+  (when a layout is active) rather than microbatches over devices."""
+  mbs = x.reshape((x.shape[0] // n, n) + x.shape[1:])
+  return nn.with_logical_constraint(mbs, (None, "activation_batch") + (None,) * (x.ndim - 1))
 
 
-def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int):
-  """Jitted `(params, tokens_NT) -> logp_NT`, microbatched to bound memory."""
+def _activate(layout: Optional["Layout"]):
+  return contextlib.nullcontext() if layout is None else layout.activate()
 
-  @jax.jit
+
+def _check_batch(layout: "Layout", N: int, n: int):
+  """Before the jitted call: jit places a host batch by its in_shardings
+  (and fails with a generic message) before anything is traced."""
+  layout.check_batch(N, "minibatch")
+  layout.check_batch(n, "microbatch")
+
+
+def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int, layout: Optional["Layout"] = None):
+  """Jitted `(params, tokens_NT) -> logp_NT`, microbatched to bound memory.
+
+  layout: optional training `parallel.Layout`; params and tokens are then
+  taken (and log-probs returned) in it.
+  """
+
   def ref_logprobs(params, tokens_NT):
-    mb = _microbatches(tokens_NT, microbatch_size)
-    out = jax.lax.map(lambda t: token_logprobs(cfg, params, t), mb)
-    return out.reshape(tokens_NT.shape)
+    with _activate(layout):
+      mb = _microbatches(tokens_NT, microbatch_size)
+      out = jax.lax.map(lambda t: token_logprobs(cfg, params, t), mb)
+      return out.reshape(tokens_NT.shape)
 
-  return ref_logprobs
+  if layout is None:
+    return jax.jit(ref_logprobs)
+  jitted = jax.jit(ref_logprobs, in_shardings=(layout.params(), layout.batch()),
+                   out_shardings=layout.batch())
+
+  def sharded_ref_logprobs(params, tokens_NT):
+    _check_batch(layout, tokens_NT.shape[0], microbatch_size)
+    return jitted(params, tokens_NT)
+
+  return sharded_ref_logprobs
 
 
 @flax.struct.dataclass
@@ -157,8 +193,15 @@ class TrainState:
   skipped: jax.Array  # int32 non-finite updates skipped (all iterations)
 
 
+def train_state_shardings(layout: "Layout", optimizer: optax.GradientTransformation) -> TrainState:
+  """A TrainState of shardings: params and optimizer moments in `layout`,
+  counters replicated."""
+  return TrainState(params=layout.params(), opt_state=layout.opt_state(optimizer),
+                    step=layout.replicated, skipped=layout.replicated)
+
+
 def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: UpdateConfig,
-                    optimizer: optax.GradientTransformation):
+                    optimizer: optax.GradientTransformation, layout: Optional["Layout"] = None):
   """Returns a jitted `train_step(state, batch, ref_is_current=False) -> (state, metrics)`.
 
   `ref_is_current=True` is for the first step of an iteration, when
@@ -170,8 +213,20 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
   valid samples, and microbatch gradients are weighted by their share of the
   valid samples, so the accumulated gradient is that of the mean over the
   whole minibatch. The state is donated.
+
+  With a training `layout` the state must be in `train_state_shardings`
+  (e.g. params from `parallel.init_params`, `optimizer.init` of them), the
+  batch's rows are split over the data axes (the minibatch and microbatch
+  sizes must divide over them), and metrics come back replicated.
   """
   n = update_cfg.microbatch_size
+  if layout is None:
+    keep_like_params = lambda tree: tree  # noqa: E731
+  else:
+    # Under FSDP the gradient accumulator must stay sharded like the params
+    # (propagation alone may leave the scan carry replicated).
+    keep_like_params = functools.partial(jax.lax.with_sharding_constraint,
+                                         shardings=layout.params())
 
   def micro_loss(params, b: Batch, ref_is_current: bool):
     logp_NT = token_logprobs(cfg, params, b.tokens_NT)
@@ -186,6 +241,10 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
     N = batch.tokens_NT.shape[0]
     if N % n:
       raise ValueError(f"minibatch of {N} samples is not a multiple of microbatch_size {n}")
+    with _activate(layout):
+      return _train_step(state, batch, ref_is_current)
+
+  def _train_step(state: TrainState, batch: Batch, ref_is_current: bool):
     mbs = jax.tree.map(lambda x: _microbatches(x, n), batch)
     total = jnp.maximum(jnp.sum(loss_weights(loss_cfg, batch)), 1.0)
     loss_fn = functools.partial(micro_loss, ref_is_current=ref_is_current)
@@ -194,12 +253,13 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
     def accumulate(carry, mb):
       grads, loss_sum, aux_sum = carry
       (loss, aux), g = grad_fn(state.params, mb)
+      g = keep_like_params(g)
       w = jnp.sum(loss_weights(loss_cfg, mb)) / total
       grads = jax.tree.map(lambda a, x: a + w * x, grads, g)
       aux_sum = jax.tree.map(lambda a, x: a + w * x, aux_sum, aux)
       return (grads, loss_sum + w * loss, aux_sum), None
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = keep_like_params(jax.tree.map(jnp.zeros_like, state.params))
     first = jax.tree.map(lambda x: x[0], mbs)
     aux_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_fn, state.params, first)[1])
     (grads, loss, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), aux_zero), mbs)
@@ -213,4 +273,16 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
                            skipped=state.skipped + (~finite).astype(jnp.int32))
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,), static_argnames=("ref_is_current",))
+  if layout is None:
+    return jax.jit(train_step, donate_argnums=(0,), static_argnames=("ref_is_current",))
+  state_shardings = train_state_shardings(layout, optimizer)
+  # Positional static flag: jit with in_shardings takes no keyword arguments.
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, layout.batch()),
+                   out_shardings=(state_shardings, layout.replicated),
+                   donate_argnums=(0,), static_argnums=(2,))
+
+  def sharded_train_step(state: TrainState, batch: Batch, ref_is_current: bool = False):
+    _check_batch(layout, batch.tokens_NT.shape[0], n)
+    return jitted(state, batch, ref_is_current)
+
+  return sharded_train_step

@@ -11,12 +11,16 @@ rounded up to buckets (powers of two), so repeated calls with prompts that
 fall in the same buckets reuse one compiled program. `max_new_tokens` and
 `eos_id` are traced values, so changing them within a bucket does not
 recompile either.
+
+Sharding: `decode(..., layout=...)` / `generate(..., layout=...)` with the
+sampling `parallel.Layout` split rows over the data axes and heads over
+`tensor` (params must already be in that layout, see `parallel.reshard`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,9 @@ import numpy as np
 
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
+
+if TYPE_CHECKING:
+  from kimi_jax.parallel import Layout
 
 NO_EOS = -1  # eos id meaning "never stop early"
 
@@ -93,10 +100,10 @@ def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache):
   return logits_B1V[:, 0, :], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "new_slots"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "new_slots", "layout"))
 def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax.Array,
            eos_id: jax.Array, rng: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig,
-           new_slots: int):
+           new_slots: int, layout: Optional["Layout"] = None):
   """Prefill left-padded prompts, then decode up to `max_new_tokens` tokens.
 
   Args:
@@ -108,15 +115,35 @@ def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax
     eos_id: int32 scalar; `NO_EOS` disables early stopping.
     rng: PRNG key.
     cfg, sampling, new_slots: static (model, sampling rule, output buffer size).
+    layout: static sampling `parallel.Layout` or None (one device / no
+      constraints). B must divide over its data axes.
 
   Returns:
     tokens_BN int32 new tokens (0 after a row's eos), logp_BN float32 their
     log-probs (0 after eos), num_new_B int32 tokens generated per row
     (eos included).
   """
+  if layout is None:
+    return _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampling,
+                   new_slots, None)
+  if layout.cfg != cfg:
+    raise ValueError("decode: layout.cfg differs from cfg (the layout was built for another model)")
+  B, P = tokens_BP.shape
+  cache_shardings = layout.kv_cache(B, P + new_slots)  # checks that B divides
+  with layout.activate():
+    tokens_BP, start_B = jax.lax.with_sharding_constraint((tokens_BP, start_B), layout.batch())
+    return _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampling,
+                   new_slots, cache_shardings)
+
+
+def _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampling, new_slots,
+            cache_shardings):
+  """`decode`'s body; `cache_shardings` (a KVCache of shardings) pins the cache."""
   B, P = tokens_BP.shape
   model = Transformer(cfg)
   cache = init_cache(cfg, B, P + new_slots, start=start_B)
+  if cache_shardings is not None:
+    cache = jax.lax.with_sharding_constraint(cache, cache_shardings)
   logits_BV, cache = prefill(model, params, tokens_BP, cache)
   rng, sub = jax.random.split(rng)
   token_B, logp_B = sample_token(logits_BV, sub, sampling)
@@ -168,7 +195,7 @@ def left_pad(prompts: Sequence[Sequence[int]], rows: int, length: int, pad_id: i
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, seed: int = 0, eos_id: Optional[int] = None, *,
              top_k: int = 0, top_p: float = 1.0, max_length: Optional[int] = None,
-             return_logprobs: bool = False):
+             return_logprobs: bool = False, layout: Optional["Layout"] = None):
   """Generate continuations for a batch of token-id prompts.
 
   Args:
@@ -182,6 +209,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     max_length: limit on prompt + new tokens; default
       `cfg.max_position_embeddings`. A longer request raises ValueError.
     return_logprobs: also return each token's log-prob (see `sample_token`).
+    layout: the sampling `parallel.Layout` that `params` are in, or None.
+      Rows are padded to a multiple of its data-parallel size.
 
   Returns:
     A list of generated token-id lists, one per prompt (and a matching list of
@@ -200,12 +229,12 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
       raise ValueError(
           f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
           f"exceeds the maximum length {limit} (prompt + new tokens)")
-  rows = bucket(len(prompts), minimum=1)
+  rows = bucket(len(prompts), minimum=1 if layout is None else layout.batch_shards)
   tokens, start = left_pad(prompts, rows, bucket(max(len(p) for p in prompts)))
   out, logp, num_new = decode(
       params, tokens, start, np.int32(max_new_tokens),
       np.int32(NO_EOS if eos_id is None else eos_id), jax.random.PRNGKey(seed),
-      cfg=cfg, sampling=sampling, new_slots=bucket(max_new_tokens))
+      cfg=cfg, sampling=sampling, new_slots=bucket(max_new_tokens), layout=layout)
   out, logp, num_new = jax.device_get((out, logp, num_new))
   seqs = [out[b, :num_new[b]].tolist() for b in range(len(prompts))]
   if return_logprobs:
