@@ -132,3 +132,22 @@ def test_first_step_reference_from_current_params_matches_explicit_reference(par
   np.testing.assert_allclose(m1["train/loss"], m2["train/loss"], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(explicit.params), jax.tree.leaves(fused.params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["k15", "ppo"])
+def test_update_raises_logp_of_above_baseline_samples(params, algorithm):
+  """The direction check end to end: a few small steps move each sample's
+  response log-prob the way the sign of its advantage says."""
+  batch = make_batch(params, seed=3)
+  ucfg = UpdateConfig(learning_rate=1e-3, microbatch_size=8)
+  opt = make_optimizer(ucfg)
+  step = make_train_step(CFG, losses.LossConfig(algorithm=algorithm, tau=0.1), ucfg, opt)
+  state = fresh_state(jax.tree.map(jnp.copy, params), opt)
+  for _ in range(3):
+    state, _ = step(state, batch)
+  seq = lambda p: np.asarray(jnp.sum(token_logprobs(CFG, p, batch.tokens_NT) * batch.mask_NT, 1))  # noqa: E731
+  moved = seq(state.params) - seq(params)
+  adv = np.asarray(batch.advantages_N)
+  live = (np.asarray(batch.sample_mask_N) > 0) & (adv != 0)
+  assert live.sum() >= 4
+  assert np.all(np.sign(moved[live]) == np.sign(adv[live])), (moved, adv)
