@@ -30,7 +30,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Synthetic verifiable problems; held-out never overlaps train.
   c.data = ml_collections.ConfigDict(dict(
       tasks=("add", "chain"),  # countdown also exists (harder, longer traces)
-      difficulties=None,  # None = every level of each task (add 1-4, chain 1-5)
+      # Levels 1-3 of each task (None = every level: add 1-4, chain 1-5). Measured
+      # after the SFT warm-up: pass@1 at T=1 is 32% on levels 1-3 (greedy 54%) but
+      # 7% on all levels, where most groups of k=8 are all-wrong and give RL no signal.
+      # A FieldReference so `--config.data.difficulties="(1,2)"` overrides it.
+      difficulties=ml_collections.FieldReference((1, 2, 3), field_type=tuple),
       n_train=4000, n_heldout=200, heldout_frac=0.2))
 
   # Long-CoT SFT warm-up (method spec §5): verified traces with corrected slips.
@@ -45,7 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict(dict(
       num_slots=64,  # B decode slots
       samples_per_prompt=8,  # k: group size for the mean-reward baseline
-      max_length=224,  # prompt + response cap
+      max_length=160,  # prompt + response cap (level-3 long traces are under 100 bytes)
       max_prompt_length=32,
       segment_budget=64,  # new tokens per slot per iteration; longer responses carry over
       partial=True,
