@@ -218,3 +218,60 @@ def test_prefill_rows_is_validated():
   with pytest.raises(ValueError, match="prefill_rows"):
     SegmentSampler(CFG, SamplingConfig(), RepeatConfig(), eos_id=None, budget_slots=8,
                    prefill_rows=-1)
+
+
+# ---------------------------------------------------------------- sampling layout
+
+def _sample_layout(shape):
+  from kimi_jax import parallel
+  return parallel.Layout.sample(parallel.make_mesh(parallel.MeshConfig(*shape)), CFG)
+
+
+def eight_rows():
+  """8 rows (2 per data shard of a 2x2 batch split) of mixed lengths, one
+  inactive and one finished: grouped prefill uses several widths."""
+  rng = np.random.default_rng(4)
+  rows = [rng.integers(1, 60, size=n).tolist() for n in (40, 3, 9, 1, 17, 30, 5, 12)]
+  st = make_state(rows)
+  active, finish = np.ones(8, bool), np.full(8, RUNNING, np.int32)
+  active[3], finish[6] = False, int(FinishReason.EOS)
+  return st.replace(prompt_len_B=np.minimum(st.length_B, 2).astype(np.int32), active_B=active,
+                    finish_B=finish)
+
+
+@pytest.mark.parametrize("shape,temperature", [((2, 2, 2), 0.0), ((1, 4, 2), 1.0)])
+def test_segments_under_sample_layout_match_one_device(params, shape, temperature):
+  """Greedy and sampled (threefry draws do not depend on the sharding) tokens
+  are equal, log-probs to 1e-5; prefill groups of 2 rows become groups of 4
+  (the data-parallel size), as the plain sampler with 4 does."""
+  from kimi_jax import parallel
+  layout = _sample_layout(shape)
+  kw = dict(sampling=SamplingConfig(temperature=temperature), repeat=RepeatConfig(), eos_id=None,
+            budget_slots=8, min_width=4)
+  plain = SegmentSampler(CFG, prefill_rows=4, **kw)
+  sharded = SegmentSampler(CFG, prefill_rows=2, layout=layout, **kw)
+  p_sample = parallel.reshard(params, layout)
+  a = b = eight_rows()
+  for it in range(3):
+    a, steps_a = plain(params, a, 8, it, jax.random.PRNGKey(it))
+    b, steps_b = sharded(p_sample, b, 8, it, jax.random.PRNGKey(it))
+    assert isinstance(b.tokens_BL, np.ndarray) and steps_a == steps_b == 8
+    np.testing.assert_array_equal(a.tokens_BL, b.tokens_BL)
+    np.testing.assert_array_equal(a.finish_B, b.finish_B)
+    np.testing.assert_array_equal(a.token_iter_BL, b.token_iter_BL)
+    np.testing.assert_allclose(a.logp_BL, b.logp_BL, atol=1e-5)
+    a, b = resume(a), resume(b)
+  assert b.length_B.tolist() == [64, 27, 33, 1, 41, 54, 5, 36]
+
+
+def test_segment_layout_checks_rows_and_model(params):
+  from kimi_jax.sampling.segment import sample_segment
+  layout = _sample_layout((2, 2, 2))
+  engine = SegmentSampler(CFG, SamplingConfig(), RepeatConfig(), eos_id=None, budget_slots=8,
+                          layout=layout)
+  with pytest.raises(ValueError, match=r"RolloutState of 6 rows does not divide over the 4"):
+    engine(params, make_state(PROMPTS + PROMPTS[:2]), 8, 0, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="layout.cfg differs"):
+    sample_segment(params, eight_rows(), np.int32(4), np.int32(0), jax.random.PRNGKey(0),
+                   np.int32(-1), cfg=CFG.replace(num_layers=1), sampling=SamplingConfig(),
+                   repeat=RepeatConfig(), width=64, budget_slots=8, layout=layout)

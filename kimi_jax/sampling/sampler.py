@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimi_jax import distributed
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 
@@ -235,7 +236,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
       params, tokens, start, np.int32(max_new_tokens),
       np.int32(NO_EOS if eos_id is None else eos_id), jax.random.PRNGKey(seed),
       cfg=cfg, sampling=sampling, new_slots=bucket(max_new_tokens), layout=layout)
-  out, logp, num_new = jax.device_get((out, logp, num_new))
+  # Whole arrays on every process (a multi-process layout splits the rows).
+  out, logp, num_new = distributed.fetch((out, logp, num_new))
   seqs = [out[b, :num_new[b]].tolist() for b in range(len(prompts))]
   if return_logprobs:
     return seqs, [logp[b, :num_new[b]].tolist() for b in range(len(prompts))]

@@ -19,22 +19,35 @@ budget), V vocab.
 All shapes are static per (W, N). `SegmentSampler` picks W from a small set
 of power-of-two buckets and can compile all of them up front (`warmup`), so
 an RL run compiles nothing after its first iteration.
+
+Sharding: with the sampling `parallel.Layout` (params already in it, see
+`parallel.reshard`) the segment is jitted with in/out shardings: rows over
+the data axes, heads over `tensor`, the KV cache pinned like `decode`'s.
+Prefill groups are rounded up to a multiple of the data-parallel size, so
+each group is split over the data axes like every batch. Across processes,
+`SegmentSampler` takes and returns each process's own rows and picks one
+width for all of them (`kimi_jax.distributed`). Without a layout nothing
+changes (the plain jit, no constraints).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimi_jax import distributed
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import repetition
 from kimi_jax.sampling.finish import FinishReason
 from kimi_jax.sampling.sampler import NO_EOS, SamplingConfig, bucket, prefill, sample_token
 from kimi_jax.sampling.state import RolloutState
+
+if TYPE_CHECKING:
+  from kimi_jax.parallel import Layout
 
 
 def _left_pack(tokens_BL, length_B, width):
@@ -78,16 +91,24 @@ def _slot_axes(cfg: ModelConfig) -> tuple[int, int]:
   return axis(a.k[0], b.k[0]), axis(a.v[0], b.v[0])
 
 
-def _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra):
+def _pin(cache, layout: Optional["Layout"]):
+  """The KV cache in the layout's shardings (rows over data, kv heads over tensor)."""
+  if layout is None:
+    return cache
+  k, v = cache.k[0], cache.v[0]
+  return jax.lax.with_sharding_constraint(cache, layout.kv_cache(k.shape[0], v.shape[2]))
+
+
+def _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra, layout=None):
   """One prefill of every row at width W (the simple layout)."""
   B = tokens_BL.shape[0]
   tokens_BW, start_B = _left_pack(tokens_BL, length_B, width)
-  cache = init_cache(cfg, B, width + extra, start=start_B)
+  cache = _pin(init_cache(cfg, B, width + extra, start=start_B), layout)
   return prefill(model, params, tokens_BW, cache)
 
 
 def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extra, rows,
-                     min_width):
+                     min_width, layout=None):
   """Prefill the running rows in groups of `rows`, each at the width it needs.
 
   Running rows are sorted by length (longest first) and cut into groups of
@@ -152,18 +173,17 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
     return logits_BV, k, v
 
   start_B = width - jnp.clip(length_B, 1, width)  # as `_left_pack` would place the rows
-  cache = init_cache(cfg, B, width + extra, start=start_B)
+  cache = _pin(init_cache(cfg, B, width + extra, start=start_B), layout)
   logits_BV = jnp.zeros((B, cfg.vocab_size), jnp.float32)
   logits_BV, k, v = jax.lax.fori_loop(0, n_groups, body, (logits_BV, cache.k, cache.v))
   return logits_BV, cache.replace(k=k, v=v, index=jnp.asarray(width, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "repeat", "width", "budget_slots",
-                                             "prefill_rows", "prefill_min_width"))
 def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: jax.Array,
                    rng: jax.Array, eos_id: jax.Array, *, cfg: ModelConfig,
                    sampling: SamplingConfig, repeat: repetition.RepeatConfig, width: int,
-                   budget_slots: int, prefill_rows: int = 0, prefill_min_width: int = 16):
+                   budget_slots: int, prefill_rows: int = 0, prefill_min_width: int = 16,
+                   layout: Optional["Layout"] = None):
   """Continue the running rows of `state` by up to `budget` tokens each.
 
   Args:
@@ -182,11 +202,46 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
       `_prefill_grouped`). Same result up to float rounding; much cheaper
       when a few long carried rows set W.
     prefill_min_width: static, narrowest group width.
+    layout: the sampling `parallel.Layout` that `params` are in, or None.
+      B must divide over its data axes; `state` (global arrays or, with one
+      process, host arrays) is taken and returned in `layout.rollout_state(B)`.
 
   Returns:
     (new_state, steps): steps is the int32 number of decode steps the loop ran
     (slot-steps = steps * B, the denominator of the useful-token fraction).
   """
+  statics = dict(cfg=cfg, sampling=sampling, repeat=repeat, width=width,
+                 budget_slots=budget_slots, prefill_rows=prefill_rows,
+                 prefill_min_width=prefill_min_width)
+  if layout is None:
+    return _plain_segment(params, state, budget, iteration, rng, eos_id, **statics)
+  if layout.cfg != cfg:
+    raise ValueError("sample_segment: layout.cfg differs from cfg (a layout of another model)")
+  fn = _sharded_segment(layout, state.tokens_BL.shape[0], **statics)
+  return fn(params, state, budget, iteration, rng, eos_id)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_segment(layout: "Layout", num_slots: int, **statics):
+  """`_segment` jitted with the layout's in/out shardings (statics bound)."""
+  state = layout.rollout_state(num_slots)  # checks that the rows divide
+  rep = layout.replicated
+  # Prefill groups split over the data axes like every batch.
+  shards = layout.batch_shards
+  statics = dict(statics, prefill_rows=-(-statics["prefill_rows"] // shards) * shards)
+
+  def segment(params, state, budget, iteration, rng, eos_id):
+    with layout.activate():
+      return _segment_body(params, state, budget, iteration, rng, eos_id, layout=layout,
+                           **statics)
+
+  return jax.jit(segment, in_shardings=(layout.params(), state, rep, rep, rep, rep),
+                 out_shardings=(state, rep))
+
+
+def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *, cfg, sampling,
+                  repeat, width, budget_slots, prefill_rows, prefill_min_width, layout=None):
+  """`sample_segment`'s computation (traced under `layout.activate()` when sharded)."""
   B, L = state.tokens_BL.shape
   N = budget_slots
   model = Transformer(cfg)
@@ -198,9 +253,9 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
   length_B = jnp.asarray(state.length_B)
   if 0 < prefill_rows < B and len(chunk_widths(width, prefill_min_width)) > 1:
     logits_BV, cache = _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width,
-                                        N, prefill_rows, prefill_min_width)
+                                        N, prefill_rows, prefill_min_width, layout)
   else:
-    logits_BV, cache = _prefill_whole(model, cfg, params, tokens_BL, length_B, width, N)
+    logits_BV, cache = _prefill_whole(model, cfg, params, tokens_BL, length_B, width, N, layout)
   history_BH = repetition.init_history(state.tokens_BL, state.length_B, state.prompt_len_B, repeat)
 
   def emit(i, token_B, logp_B, done_B, reason_B, count_B, out_BN, logp_BN, history_BH):
@@ -255,6 +310,10 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
   return new_state, steps
 
 
+_plain_segment = jax.jit(_segment_body, static_argnames=(
+    "cfg", "sampling", "repeat", "width", "budget_slots", "prefill_rows", "prefill_min_width"))
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentSampler:
   """Static settings of the rollout decoder plus width bucketing.
@@ -270,6 +329,10 @@ class SegmentSampler:
       running rows are re-prefilled this many at a time, each group at the
       width its longest row needs, so one long carried row no longer makes
       every row prefill at its width. 0 = one prefill of all B rows at W.
+    layout: the sampling `parallel.Layout` (params must be in it), or None.
+      States passed in and returned are then this process's rows (all of
+      them with one process); the segment runs over the rows of every
+      process, at the width the longest row of any process needs.
   """
   cfg: ModelConfig
   sampling: SamplingConfig
@@ -278,6 +341,7 @@ class SegmentSampler:
   budget_slots: int
   min_width: int = 16
   prefill_rows: int = 4
+  layout: Optional["Layout"] = None
 
   def __post_init__(self):
     if not isinstance(self.prefill_rows, int) or self.prefill_rows < 0:
@@ -303,16 +367,26 @@ class SegmentSampler:
     """Run one segment; returns (host RolloutState, steps)."""
     if not 1 <= budget <= self.budget_slots:
       raise ValueError(f"budget {budget} outside [1, budget_slots={self.budget_slots}]")
-    width = self.width_for(state) if width is None else width
+    if width is None:
+      # Every process must run the same program: the widest bucket any needs.
+      width = distributed.max_over_processes(self.width_for(state))
+    if self.layout is not None:
+      rows = state.num_slots * jax.process_count()
+      state = distributed.to_global(state, self.layout.rollout_state(rows))
     new_state, steps = sample_segment(
         params, state, np.int32(budget), np.int32(iteration), rng,
         np.int32(NO_EOS if self.eos_id is None else self.eos_id), cfg=self.cfg,
         sampling=self.sampling, repeat=self.repeat, width=width, budget_slots=self.budget_slots,
-        prefill_rows=self.prefill_rows, prefill_min_width=self.min_width)
-    return new_state.to_numpy(), int(steps)
+        prefill_rows=self.prefill_rows, prefill_min_width=self.min_width, layout=self.layout)
+    if self.layout is None:
+      return new_state.to_numpy(), int(steps)
+    return distributed.to_local(new_state), int(distributed.to_local(steps))
 
   def warmup(self, params, num_slots: int, max_length: int) -> None:
-    """Compile every width bucket now, so later iterations never compile."""
+    """Compile every width bucket now, so later iterations never compile.
+
+    num_slots: this process's rows (as `__call__` takes them).
+    """
     empty = RolloutState.empty(num_slots, max_length)
     for w in self.widths(max_length):
       self(params, empty, 1, 0, jax.random.PRNGKey(0), width=w)
