@@ -81,6 +81,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(temperature=1.0, samples=2, greedy=True,
                                           max_new_tokens=192))
 
+  # Device mesh (kimi_jax/parallel.py): 1 x 1 x 1 is one device, as on a laptop.
+  # --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2 uses 8 devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+
   if arg == "smoke":
     c.total_iterations = 4
     c.eval_every = 2

@@ -17,9 +17,10 @@ Local directories (on every host; nothing is downloaded by the run):
 
 The tokenizer follows --config.model.hf_path. Variants: `:smoke` is the same
 recipe at toy sizes (tests/test_recipes.py runs it on a tiny random checkpoint).
-The sizes below are for a pod (v5p-64 class): the trainer spreads them over
-the devices once it shards through kimi_jax/parallel.py; until then it runs
-in one process, on that process's devices.
+The sizes below are for a pod (v5p-64 class, 8 hosts): start the same
+command on every host (README "Multi-host"); config.mesh lays the weights
+out over the 32 chips (data x fsdp=8 x tensor=4; data=-1 grows with more
+chips, in multiples of 32).
 
 Sizes: 128 prompts x 8 samples = 1024 rollout rows per iteration, 8192
 tokens (the model's context: 1024 prompt + 7168 response, 2048 new tokens
@@ -43,7 +44,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       prompts_per_iteration=128,
       max_length=8192, max_prompt_length=1024, segment_budget=2048,
       minibatch_size=256, microbatch_size=8,
-      learning_rate=1e-6)  # spec: AdamW 1e-6..1e-5; the low end for a pretrained model
+      learning_rate=1e-6,  # spec: AdamW 1e-6..1e-5; the low end for a pretrained model
+      # 32 chips (v5p-64: 8 hosts x 4 chips). Training: fp32 weights + AdamW
+      # moments (~128 GB) over fsdp x tensor = 32 ways, ~4 GB per chip.
+      # Sampling: weights over tensor=4 (8 GB per chip; 8 kv heads -> 2 per
+      # chip), 1024 rows over the 8 fsdp groups: the bf16 KV cache of 128
+      # rows x 8192 tokens, ~35 GB per chip. Each host owns 128 slots.
+      mesh=dict(data=-1, fsdp=8, tensor=4))
   c.data.verifier_workers = 32  # pod hosts have many cores for the sandbox
   if arg == "smoke":
     c = prompt_rl.smoke(c)

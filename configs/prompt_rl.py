@@ -18,7 +18,8 @@ import ml_collections
 def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bool,
                 total_iterations: int, prompts_per_iteration: int, max_length: int,
                 max_prompt_length: int, segment_budget: int, minibatch_size: int,
-                microbatch_size: int, learning_rate: float) -> ml_collections.ConfigDict:
+                microbatch_size: int, learning_rate: float,
+                mesh: dict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_iterations = total_iterations  # the report's scaling study: ~150 iterations
@@ -82,6 +83,12 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
   # averages 8 runs on AIME); greedy decoding is not reported.
   c.eval = ml_collections.ConfigDict(dict(temperature=1.0, samples=4, greedy=False,
                                           max_new_tokens=max_length - max_prompt_length))
+
+  # Device mesh (kimi_jax/parallel.py), data x fsdp x tensor; -1 = the devices
+  # left over. Training: weights over fsdp x tensor; sampling: over tensor.
+  # data x fsdp must divide rollout.num_slots, rl.minibatch_size and
+  # optim.microbatch_size, and be a multiple of the host count.
+  c.mesh = ml_collections.ConfigDict(mesh)
   return c
 
 
@@ -97,4 +104,5 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.microbatch_size = 4
   c.data.verifier_workers = 2
   c.eval.update(samples=1, max_new_tokens=16)
+  c.mesh.update(data=1, fsdp=1, tensor=1)  # one CPU device
   return c

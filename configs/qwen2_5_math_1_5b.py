@@ -21,7 +21,8 @@ sizes (tests/test_recipes.py runs it on a tiny random checkpoint).
 Sizes: 64 prompts x 8 samples = 512 rollout rows per iteration, 4096 tokens
 (the model's context: 512 prompt + 3584 response, 1024 new tokens per
 iteration with partial rollouts), 4 optimizer steps of 128 samples per
-iteration (microbatches of 16). Qwen2.5-Math-1.5B: 28 layers, width 1536,
+iteration (microbatches of 16), on a data x 4-way FSDP mesh (one TPU host
+and up). Qwen2.5-Math-1.5B: 28 layers, width 1536,
 12 heads / 2 kv heads, tied embeddings, vocab 151936, no BOS token.
 """
 import ml_collections
@@ -39,7 +40,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       prompts_per_iteration=64,
       max_length=4096, max_prompt_length=512, segment_budget=1024,
       minibatch_size=128, microbatch_size=16,
-      learning_rate=1e-6)  # spec: AdamW 1e-6..1e-5; the low end for a pretrained model
+      learning_rate=1e-6,  # spec: AdamW 1e-6..1e-5; the low end for a pretrained model
+      # FSDP over the 4 chips of one TPU host (v4-8 / v5p-8): fp32 weights +
+      # AdamW moments, ~18 GB, become ~4.5 GB per chip; sampling holds the
+      # whole fp32 weights (6 GB) per chip. More hosts add data parallelism
+      # (data=-1), up to 16 chips (data x fsdp must divide the microbatch of 16).
+      mesh=dict(data=-1, fsdp=4, tensor=1))
   if arg == "smoke":
     c = prompt_rl.smoke(c)
   elif arg:

@@ -3,8 +3,18 @@
 One step directory `<directory>/<step>/` holds three items:
   params     device arrays (orbax StandardSave: OCDBT + zarr, sharding aware)
   opt_state  optax state (namedtuples round-trip through the restore target)
-  host       JSON: scheduler / prompt-sampler `state_dict()`s, RNG key data
-             as ints, data position, config snapshot, ... (JsonSave)
+  host       JSON: run-wide host values (iteration, counters, ...) and, under
+             "processes", one `process_state` per process (its scheduler /
+             prompt-sampler `state_dict()`s, ...), in process order (JsonSave)
+
+Multi-host: every process calls `save` / `restore` together. Orbax writes
+each process's shards of the params and optimizer state (OCDBT; the
+directory must be on a filesystem every host sees) and restores them into
+the shardings of the targets, whatever the writer's mesh or process count.
+Each process's `process_state` is gathered to process 0, which writes the
+JSON; on restore every process reads its own back (`Restored.process_state`),
+None when the checkpoint was written by another number of processes (then
+`host_state["processes"]` still holds them all).
 
 Resume is "restore the newest readable step, else init": `restore_or_none`.
 Orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it when
@@ -26,8 +36,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kimi_jax import distributed
+
 PyTree = Any
 _MAX_ERR_CHARS = 400  # tensorstore errors embed whole JSON specs
+PROCESSES = "processes"  # host-state key of the per-process states
 
 
 class Restored(NamedTuple):
@@ -35,6 +48,15 @@ class Restored(NamedTuple):
   params: PyTree
   opt_state: PyTree
   host_state: dict
+
+  @property
+  def process_state(self) -> Optional[dict]:
+    """This process's `process_state` as saved; None when none was saved or
+    the checkpoint was written by another number of processes."""
+    states = self.host_state.get(PROCESSES)
+    if isinstance(states, list) and len(states) == jax.process_count():
+      return states[jax.process_index()]
+    return None
 
 
 class CheckpointMismatchError(ValueError):
@@ -76,8 +98,13 @@ class Checkpointer:
   # ------------------------------------------------------------------ save
 
   def save(self, step: int, *, params: PyTree, opt_state: PyTree,
-           host_state: dict) -> None:
-    """Writes one step. `step` must be newer than every existing step."""
+           host_state: dict, process_state: Optional[dict] = None) -> None:
+    """Writes one step. `step` must be newer than every existing step.
+
+    host_state: JSON-able values, the same on every process.
+    process_state: JSON-able values of THIS process (all processes pass one
+      or none); stored as `host_state["processes"][process_index]`.
+    """
     step = int(step)
     latest = self.latest_step()
     if latest is not None and step <= latest:
@@ -85,6 +112,11 @@ class Checkpointer:
       raise ValueError(f"checkpoint step {step} in {self.directory}: a step "
                        f">= it already exists (latest {latest})")
     host = _to_json(host_state, "host_state")
+    if process_state is not None:
+      if PROCESSES in host:
+        raise ValueError(f"host_state: key {PROCESSES!r} is reserved for process_state")
+      host[PROCESSES] = distributed.allgather_json(
+          _to_json(process_state, "process_state"))
     saved = self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
@@ -222,10 +254,16 @@ class Checkpointer:
 
 
 def _abstract(tree: PyTree) -> PyTree:
-  """Arrays -> ShapeDtypeStruct keeping their sharding; others as given."""
+  """Arrays -> ShapeDtypeStruct keeping their sharding; a ShapeDtypeStruct
+  without one gets the default device (orbax refuses to guess a layout for
+  a checkpoint written on another topology); others as given."""
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
   def leaf(x):
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
     return x
   return jax.tree.map(leaf, tree)
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from configs import arith_tiny
@@ -38,6 +40,33 @@ def test_bad_config_values_name_the_key(path, value, msg):
   node[key[-1]] = value
   with pytest.raises(settings.ConfigError, match=msg):
     settings.from_config(config)
+
+
+def test_unknown_top_level_key_is_reported():
+  config = arith_tiny.get_config()
+  config.eval_evry = 5
+  config.meshh = {"data": 2}
+  with pytest.raises(settings.ConfigError, match=r"unknown top-level key\(s\) \['eval_evry', 'meshh'\]"):
+    settings.from_config(config)
+
+
+def test_mesh_config_defaults_to_one_device_and_names_bad_keys():
+  config = arith_tiny.get_config("smoke")
+  assert settings.from_config(config).mesh.sizes == (1, 1, 1)
+  del config["mesh"]
+  assert settings.from_config(config).mesh.sizes == (1, 1, 1)
+  config = arith_tiny.get_config("smoke")
+  config.mesh.tensor = 0
+  with pytest.raises(settings.ConfigError, match=r"config.mesh: MeshConfig.tensor"):
+    settings.from_config(config)
+  config.mesh.update(tensor=1, fsdp=3)  # 3 devices of 8: fine for the mesh, not for 16 slots
+  with pytest.raises(settings.ConfigError, match=r"config.rollout.num_slots of 16 rows does "
+                     r"not divide over the 3 data-parallel devices"):
+    trainer.Trainer(settings.from_config(config), "/tmp")
+  config.mesh.update(data=3, fsdp=2, tensor=2)
+  with pytest.raises(settings.ConfigError, match=r"config.mesh: mesh data=3 x fsdp=2 x tensor=2 "
+                     r"has 12 devices, but there are 8 devices"):
+    trainer.Trainer(settings.from_config(config), "/tmp")
 
 
 def test_unknown_key_is_reported():
@@ -124,3 +153,57 @@ def test_smoke_run_and_exact_resume_after_sigkill(tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # bit-identical: CPU XLA is deterministic and all RNG is (seed, iteration)
       assert a[k] == b[k], (a["iteration"], k, a[k], b[k])
+
+
+def _mesh_config(mesh):
+  """arith_tiny:smoke at test sizes: synchronous rollouts of 16 slots (every
+  group finishes and trains in iteration 1), length penalty on from the start
+  (rewards differ within a group), a 2-layer model whose 2 kv heads split
+  over tensor=2."""
+  c = arith_tiny.get_config("smoke")
+  c.model.update(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, max_position_embeddings=128)
+  c.data.n_train, c.data.n_heldout = 64, 8
+  c.rollout.update(partial=False, max_length=64, samples_per_prompt=4)
+  c.rl.update(length_penalty_start=0, minibatch_size=16)
+  c.optim.update(microbatch_size=8, learning_rate=1e-3)
+  c.eval.update(samples=1, max_new_tokens=16)
+  c.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh)))
+  return c
+
+
+def _one_iteration(mesh, params, workdir):
+  """Metrics of iteration 1 (rollout, rewards, update, eval) and the params after it."""
+  from kimi_jax import distributed
+  s = settings.from_config(_mesh_config(mesh))
+  tr = trainer.Trainer(s, str(workdir))
+  sampler, scheduler = tr.new_host_state()
+  params = distributed.place(params, tr.train_layout.params())
+  params, _, _, _, row = tr.iteration(1, params, sampler, scheduler, tr.counter(0), tr.counter(0))
+  row.update(tr.evaluate(params, 1))
+  assert jax.tree.leaves(params)[0].sharding.mesh.devices.size == np.prod(mesh)
+  return _comparable(row), distributed.fetch(params)
+
+
+@pytest.mark.slow
+def test_iteration_under_2x2x2_mesh_matches_one_device(tmp_path):
+  """Tolerances: rollouts, rewards and eval are exact (the same tokens: only
+  float32 summation order differs under the mesh, far from flipping a draw);
+  train metrics rtol 1e-4, params after the AdamW step (lr 1e-3) atol 1e-5."""
+  s = settings.from_config(_mesh_config((1, 1, 1)))
+  task = trainer.tasks_lib.make_task(s)
+  tr1 = trainer.Trainer(s, str(tmp_path))
+  warm = jax.device_get(trainer.initial_params(s, task, tr1.base_key, tr1.train_layout))
+  one, params1 = _one_iteration((1, 1, 1), warm, tmp_path)
+  mesh, params8 = _one_iteration((2, 2, 2), warm, tmp_path)
+  assert one["train/steps"] >= 1 and one["train/grad_norm"] > 0
+  assert one["rollout/groups_completed"] == 4
+  assert one.keys() == mesh.keys()
+  for key in one:
+    if key.startswith("train/"):
+      np.testing.assert_allclose(mesh[key], one[key], rtol=1e-4, atol=1e-7, err_msg=key)
+    else:
+      assert mesh[key] == one[key], key
+  for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  assert not np.allclose(params1["lm_head"], warm["lm_head"])

@@ -23,8 +23,8 @@ def difficulty_bucket(difficulty):
 def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[int]],
              decode: Callable[[list[int]], str], score: Callable[[object, str], float],
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, samples: int = 1,
-             seed: int = 0, batch_size: int = 256,
-             verifier_workers: int = 1) -> dict[str, float]:
+             seed: int = 0, batch_size: int = 256, verifier_workers: int = 1,
+             layout=None) -> dict[str, float]:
   """Sample each problem `samples` times; report mean score and lengths.
 
   Args:
@@ -36,6 +36,9 @@ def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[in
       verifier scores 0 and is counted, never ending the run.
     max_new_tokens: response budget per problem.
     verifier_workers: responses scored in parallel.
+    layout: the sampling `parallel.Layout` that `params` are in, or None.
+      With several processes every one evaluates every problem (same
+      prompts, same seed: the same numbers on each).
 
   Returns:
     `eval/accuracy`, `eval/response_tokens_mean`, and per difficulty d
@@ -51,7 +54,7 @@ def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[in
       chunk = prompts[lo:lo + batch_size]
       outs = generate(cfg, params, chunk, max_new_tokens, temperature=temperature,
                       seed=seed + 1000 * s + lo, eos_id=eos_id,
-                      max_length=max(map(len, chunk)) + max_new_tokens)
+                      max_length=max(map(len, chunk)) + max_new_tokens, layout=layout)
       chunk_problems = problems[lo:lo + batch_size]
       scored = apply_verifier(score, chunk_problems, [decode(out) for out in outs],
                               max_workers=verifier_workers)

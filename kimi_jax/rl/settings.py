@@ -1,9 +1,14 @@
 """ConfigDict -> typed, frozen settings: the boundary between configs and library.
 
 Each sub-dict of an RL config (`model`, `data`, `sft`, `rollout`, `rl`,
-`optim`, `eval`) becomes the frozen dataclass(es) its library module takes.
-Unknown keys and bad values fail here with the config path in the message,
-so a malformed `--config.x.y=...` override stops before any work starts.
+`optim`, `eval`, `mesh`) becomes the frozen dataclass(es) its library module
+takes. Unknown keys (top-level ones too) and bad values fail here with the
+config path in the message, so a malformed `--config.x.y=...` override stops
+before any work starts.
+
+  config.mesh   data / fsdp / tensor sizes of the device mesh
+                (`parallel.MeshConfig`; -1 on one axis = the devices left
+                over). Optional: the default 1 x 1 x 1 runs on one device.
 
 Two optional sources (README "Training on prompt files with a Hugging Face
 checkpoint"):
@@ -23,6 +28,7 @@ from typing import Any, Optional, Union
 
 import ml_collections
 
+from kimi_jax import parallel
 from kimi_jax.models import hf
 from kimi_jax.models.transformer import ModelConfig, RopeScaling
 from kimi_jax.rl.losses import LossConfig
@@ -145,6 +151,12 @@ class Settings:
   rl: RLExtras
   eval: EvalSettings
   hf_path: Optional[str] = None  # starting weights (else random init + SFT warm-up)
+  mesh: parallel.MeshConfig = parallel.MeshConfig(data=1, fsdp=1, tensor=1)
+
+
+# Top-level keys of an RL config: scalars, then sub-dicts (`mesh` optional).
+SCALAR_KEYS = ("seed", "total_iterations", "eval_every", "checkpoint_every", "keep_checkpoints")
+SECTION_KEYS = ("model", "data", "sft", "rollout", "rl", "optim", "eval", "mesh")
 
 
 def _positive_int(config, name):
@@ -206,8 +218,11 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
   from kimi_jax.sft import SFTConfig  # heavy-ish import kept off module load
 
   c = config.to_dict()
-  top = {k: _positive_int(config, k) for k in
-         ("seed", "total_iterations", "eval_every", "checkpoint_every", "keep_checkpoints")}
+  unknown = sorted(set(c) - set(SCALAR_KEYS) - set(SECTION_KEYS))
+  if unknown:  # a typo'd override must not be silently ignored
+    raise ConfigError(f"config: unknown top-level key(s) {unknown}; known: "
+                      f"{sorted(SCALAR_KEYS + SECTION_KEYS)}")
+  top = {k: _positive_int(config, k) for k in SCALAR_KEYS}
   if top["eval_every"] < 1 or top["checkpoint_every"] < 1:
     raise ConfigError("config.eval_every and config.checkpoint_every must be >= 1")
 
@@ -249,6 +264,7 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
       rl=_build(RLExtras, "rl", extras),
       eval=_build(EvalSettings, "eval", dict(c["eval"])),
       hf_path=hf_path,
+      mesh=_build(parallel.MeshConfig, "mesh", dict(c["mesh"]) if "mesh" in c else {"data": 1}),
   )
   if isinstance(data, PromptFileData) and sft_steps:
     raise ConfigError(f"config.sft.steps={sft_steps}: the SFT warm-up trains on synthetic "

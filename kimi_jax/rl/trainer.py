@@ -22,27 +22,36 @@ Resume is exact: all randomness derives from (seed, iteration), and the
 scheduler / prompt-sampler state is restored from the checkpoint. Metrics
 rows written after the last checkpoint by a killed run are moved to
 `metrics.jsonl.orphaned` and recomputed.
+
+Devices (`config.mesh`, kimi_jax/parallel.py): params live in the training
+layout (FSDP + tensor parallel) for the update and are resharded on device
+to the sampling layout (tensor parallel) for rollouts and evaluation, and
+back, each time donating the other copy. The default 1 x 1 x 1 mesh is one
+device. Several processes (`kimi_jax.distributed.initialize`) each own a
+share of the rollout slots and prompts (rl/multihost.py); process 0 writes
+metrics, plots and the checkpoint's JSON.
 """
 from __future__ import annotations
 
 import logging as std_logging
 import os
 import time
-from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from kimi_jax import distributed, parallel
 from kimi_jax.checkpointing import Checkpointer
 from kimi_jax.compile_count import total_compiles
+from kimi_jax.data import prompts as prompts_lib
 from kimi_jax.metrics import MetricsWriter, read_metrics
 from kimi_jax.models import hf
 from kimi_jax.models.transformer import init_params
 from kimi_jax.plots import write_plots
 from kimi_jax.rl import batch as batch_lib
+from kimi_jax.rl import multihost
 from kimi_jax.rl import rewards as rewards_lib
 from kimi_jax.rl import settings as settings_lib
 from kimi_jax.rl import tasks as tasks_lib
@@ -93,9 +102,12 @@ def warm_up(s: settings_lib.Settings, params, task: tasks_lib.Task):
   return params, history
 
 
-def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key):
-  """Starting weights: the HF checkpoint of `s.hf_path`, else random init +
-  SFT warm-up (if configured)."""
+def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key,
+                   layout: parallel.Layout):
+  """Starting weights in `layout`: the HF checkpoint of `s.hf_path`, else
+  random init + SFT warm-up (if configured). Loading and the warm-up run
+  whole on every process (the same values on each); only random init alone
+  is created sharded."""
   if s.hf_path:
     t = time.perf_counter()
     cfg, params = hf.load_pretrained(s.hf_path, dtype=s.model.dtype,
@@ -104,13 +116,21 @@ def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key):
       raise settings_lib.ConfigError(f"config.model.hf_path {s.hf_path}: config.json "
                                      f"changed since the run was configured")
     logging.info("Loaded %s in %.0f s", s.hf_path, time.perf_counter() - t)
-    return params
-  params = init_params(s.model, key)
-  if s.sft_steps:
-    t = time.perf_counter()
-    params, _ = warm_up(s, params, task)
-    logging.info("SFT warm-up done in %.0f s", time.perf_counter() - t)
-  return params
+    return distributed.place(params, layout.params())
+  if not s.sft_steps:
+    return parallel.init_params(s.model, key, layout)
+  t = time.perf_counter()
+  params, _ = warm_up(s, init_params(s.model, key), task)
+  logging.info("SFT warm-up done in %.0f s", time.perf_counter() - t)
+  return distributed.place(params, layout.params())
+
+
+def _empty_minibatch(n: int, length: int) -> dict:
+  """A minibatch of `n` padding samples (sample_mask 0: no loss, no gradient)."""
+  return dict(tokens_NT=np.zeros((n, length), np.int32),
+              mask_NT=np.zeros((n, length), np.float32), rewards_N=np.zeros(n, np.float32),
+              baseline_N=np.zeros(n, np.float32), advantages_N=np.zeros(n, np.float32),
+              sample_mask_N=np.zeros(n, np.float32))
 
 
 class Trainer:
@@ -119,19 +139,45 @@ class Trainer:
   def __init__(self, s: settings_lib.Settings, workdir: str):
     self.s, self.workdir = s, workdir
     self.task = tasks_lib.make_task(s)  # reads and checks the data first: fail before work
-    self.train, self.heldout = self.task.train, self.task.heldout
+    # This process's prompts; records are looked up by index into them.
+    self.train = prompts_lib.shard(self.task.train, jax.process_index(), jax.process_count())
+    self.heldout = self.task.heldout
+    self.train_layout, self.sample_layout = multihost.make_mesh_layouts(s)
+    self.scheduler_cfg = multihost.process_rows(s, self.train_layout)
     self.optimizer = make_optimizer(s.update)
-    self.train_step = make_train_step(s.model, s.loss, s.update, self.optimizer)
-    self.ref_logprobs = make_ref_logprobs(s.model, s.update.microbatch_size)
+    self.train_step = make_train_step(s.model, s.loss, s.update, self.optimizer,
+                                      layout=self.train_layout)
+    self.ref_logprobs = make_ref_logprobs(s.model, s.update.microbatch_size, self.train_layout)
+    # The optimizer restarts every iteration (a new mirror-descent problem).
+    self.fresh_opt_state = jax.jit(
+        lambda p, lr: set_learning_rate(self.optimizer.init(p), lr),
+        out_shardings=self.train_layout.opt_state(self.optimizer))
     budget_slots = s.scheduler.max_length if not s.scheduler.partial else s.scheduler.segment_budget
     self.engine = SegmentSampler(s.model, s.sampling, s.repeat, self.task.eos_id, budget_slots,
-                                 min_width=s.scheduler.max_prompt_length)
+                                 min_width=s.scheduler.max_prompt_length,
+                                 layout=self.sample_layout)
     self.base_key = jax.random.PRNGKey(s.seed)
+
+  def counter(self, value: int) -> jax.Array:
+    """An int32 scalar as the train step takes and returns it (replicated; a
+    host value instead would compile the step a second time)."""
+    return jax.device_put(np.int32(value), self.train_layout.replicated)
+
+  def abstract_state(self):
+    """Shapes, dtypes and training-layout shardings of (params, opt_state)."""
+    like = lambda tree, shardings: jax.tree.map(  # noqa: E731
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+    params = jax.eval_shape(lambda: init_params(self.s.model, jax.random.PRNGKey(0)))
+    opt = jax.eval_shape(self.optimizer.init, params)
+    return (like(params, self.train_layout.params()),
+            like(opt, self.train_layout.opt_state(self.optimizer)))
 
   def new_host_state(self):
     meta = [{"id": p.id, "difficulty": p.difficulty} for p in self.train]
-    sampler = PromptSampler(meta, self.s.prompts, seed=self.s.seed)
-    scheduler = RolloutScheduler(self.s.scheduler, self.prompt_source(sampler))
+    # Process 0 keeps the single-process seed; others draw independently.
+    seed = self.s.seed + 1_000_003 * jax.process_index()
+    sampler = PromptSampler(meta, self.s.prompts, seed=seed)
+    scheduler = RolloutScheduler(self.scheduler_cfg, self.prompt_source(sampler))
     return sampler, scheduler
 
   def prompt_source(self, sampler):
@@ -140,10 +186,13 @@ class Trainer:
     return source
 
   def evaluate(self, params, iteration) -> dict:
+    """Held-out metrics of training-layout `params` (sampled in a resharded copy)."""
     e = self.s.eval
     t = self.task
+    params = parallel.reshard(params, self.sample_layout)
     kw = dict(encode=t.encode, decode=t.decode, score=t.score, eos_id=t.eos_id,
-              max_new_tokens=e.max_new_tokens, verifier_workers=t.verifier_workers)
+              max_new_tokens=e.max_new_tokens, verifier_workers=t.verifier_workers,
+              layout=self.sample_layout)
     out = evaluate(self.s.model, params, self.heldout, temperature=e.temperature,
                    samples=e.samples, seed=self.s.seed + 7919 * iteration, **kw)
     if e.greedy:
@@ -176,123 +225,160 @@ class Trainer:
     return task_GK, total_GK, m
 
   def update(self, params, groups, total_GK, iteration, step, skipped):
+    """The training phase; every process calls it (with its own, maybe no,
+    groups). Returns (TrainState, metrics), or (None, {}) when no process
+    has a group to train on."""
     s = self.s
-    mbs = batch_lib.make_minibatches(groups, total_GK, minibatch_size=s.rl.minibatch_size,
-                                     length=s.scheduler.max_length,
+    n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
+    mbs = batch_lib.make_minibatches(groups, total_GK, minibatch_size=n, length=T,
                                      train_old_segments=s.rl.train_old_segments)
+    # Every process takes the same number of steps; padding rows weigh 0.
+    count = distributed.max_over_processes(len(mbs))
+    if not count:
+      return None, {}
+    mbs += [_empty_minibatch(n, T) for _ in range(count - len(mbs))]
+    mbs = [distributed.to_global(mb, self.train_layout.batch()) for mb in mbs]
     # pi_theta_i scores every sample once, before any step of this iteration;
     # the first minibatch gets its scores inside the first step (same params).
     refs = [None] + [self.ref_logprobs(params, mb["tokens_NT"]) for mb in mbs[1:]]
-    opt_state = set_learning_rate(self.optimizer.init(params), s.update.learning_rate_at(iteration))
-    state = TrainState(params=params, opt_state=opt_state, step=step, skipped=skipped)
+    lr = np.float32(s.update.learning_rate_at(iteration))
+    state = TrainState(params=params, opt_state=self.fresh_opt_state(params, lr), step=step,
+                       skipped=skipped)
     metrics = []
     for mb, ref in zip(mbs, refs):
       first = ref is None
-      ref = np.zeros_like(mb["mask_NT"]) if first else ref
+      if first:
+        ref = distributed.to_global(np.zeros((n, T), np.float32), self.train_layout.batch())
       state, m = self.train_step(state, batch_lib.to_batch(mb, ref), ref_is_current=first)
       metrics.append(m)
-    out = {}
-    if metrics:
-      for key in metrics[0]:
-        out[key] = float(np.mean([float(m[key]) for m in metrics]))
+    metrics = distributed.to_local(metrics)  # replicated: every process has them
+    out = {key: float(np.mean([float(m[key]) for m in metrics])) for key in metrics[0]}
     out["train/steps"] = len(metrics)
-    out["train/skipped_total"] = int(state.skipped)
+    out["train/skipped_total"] = int(distributed.to_local(state.skipped))
     return state, out
 
-  def warmup_update(self, params):
-    """Compile the update's programs now (fixed shapes), not mid-run."""
+  def warmup(self, params) -> None:
+    """Compile the rollout and update programs now (fixed shapes), not mid-run."""
     s = self.s
-    N, T = s.rl.minibatch_size, s.scheduler.max_length
-    tokens = np.zeros((N, T), np.int32)
-    ref = self.ref_logprobs(params, tokens)
-    mb = dict(tokens_NT=tokens, mask_NT=np.zeros((N, T), np.float32),
-              rewards_N=np.zeros(N, np.float32), baseline_N=np.zeros(N, np.float32),
-              advantages_N=np.zeros(N, np.float32), sample_mask_N=np.zeros(N, np.float32))
+    self.engine.warmup(parallel.reshard(params, self.sample_layout), self.scheduler_cfg.num_slots,
+                       s.scheduler.max_length)
+    n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
+    mb = distributed.to_global(_empty_minibatch(n, T), self.train_layout.batch())
+    ref = self.ref_logprobs(params, mb["tokens_NT"])
     for first in (True, False):
-      state = TrainState(params=jax.tree.map(jnp.copy, params),
-                         opt_state=set_learning_rate(self.optimizer.init(params), 0.0),
-                         step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+      copy = parallel.reshard(params, self.train_layout)  # the step donates its state
+      # The donating switches of every iteration, there and back.
+      copy = parallel.reshard(parallel.reshard(copy, self.sample_layout, donate=True),
+                              self.train_layout, donate=True)
+      state = TrainState(params=copy, opt_state=self.fresh_opt_state(copy, np.float32(0.0)),
+                         step=self.counter(0), skipped=self.counter(0))
       jax.block_until_ready(self.train_step(state, batch_lib.to_batch(mb, ref), ref_is_current=first))
 
-  def iteration(self, it, params, opt_state, sampler, scheduler, step, skipped):
+  def iteration(self, it, params, sampler, scheduler, step, skipped):
+    """One rollout + update. `params` (training layout) are donated; returns
+    (params, opt_state or None, step, skipped, metrics row)."""
     t0 = time.perf_counter()
     key = jax.random.fold_in(self.base_key, it)
+    params = parallel.reshard(params, self.sample_layout, donate=True)
     state = scheduler.next_state(it)
     state, steps = self.engine(params, state, scheduler.budget, it, key)
     groups = scheduler.absorb(state, it, steps)
+    params = parallel.reshard(params, self.train_layout, donate=True)
     t_rollout = time.perf_counter()
     row = dict(scheduler.metrics())
-    row["train/loss"] = float("nan")
+    total_GK = None
     if groups:
       task_GK, total_GK, m = self.rewards(groups, it)
       row.update(m)
       sampler.update_groups([g.prompt_idx for g in groups], task_GK)
-      t_reward = time.perf_counter()
-      tstate, m = self.update(params, groups, total_GK, it, step, skipped)
+    row.update(sampler.metrics(it))
+    row = multihost.combine_rows(distributed.allgather_json(row))
+    row["train/loss"] = float("nan")
+    t_reward = time.perf_counter()
+    tstate, m = self.update(params, groups, total_GK, it, step, skipped)
+    opt_state = None
+    if tstate is not None:
       params, opt_state, step, skipped = tstate.params, tstate.opt_state, tstate.step, tstate.skipped
       row.update(m)
-    else:
-      t_reward = time.perf_counter()
-    row.update(sampler.metrics(it))
     t_end = time.perf_counter()
     row.update({"time/rollout_s": t_rollout - t0, "time/reward_s": t_reward - t_rollout,
                 "time/update_s": t_end - t_reward})
     return params, opt_state, step, skipped, row
 
 
-def _host_state(it, sampler, scheduler, s, step=0, skipped=0):
-  return {"iteration": it, "seed": s.seed, "prompt_sampler": sampler.state_dict(),
-          "scheduler": scheduler.state_dict(), "optimizer_steps": int(step),
-          "skipped_updates": int(skipped)}
+def _host_state(it, s, step, skipped) -> dict:
+  """Run-wide host values of a checkpoint (the same on every process)."""
+  return {"iteration": it, "seed": s.seed, "optimizer_steps": int(distributed.to_local(step)),
+          "skipped_updates": int(distributed.to_local(skipped))}
+
+
+def _process_state(sampler, scheduler) -> dict:
+  """This process's host state: its prompt statistics and rollout slots."""
+  return {"prompt_sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()}
+
+
+def _restored_process_state(restored, directory: str) -> dict:
+  own = restored.process_state
+  if own is not None:
+    return own
+  written = restored.host_state.get("processes")
+  if written is None and jax.process_count() == 1:
+    return restored.host_state  # written before per-process host state (one process)
+  raise settings_lib.ConfigError(
+      f"checkpoint step {restored.step} in {directory} was written by "
+      f"{len(written or [])} process(es) and this run has {jax.process_count()}: resume with "
+      "as many (each process's rollout slots and prompt shard are its own)")
 
 
 def run(config, workdir: str) -> list[dict]:
-  """Run (or resume) the main job in `workdir`; returns the metrics rows."""
+  """Run (or resume) the main job in `workdir`; returns the metrics rows
+  (on process 0; other processes write nothing and return [])."""
   s = settings_lib.from_config(config)
   workdir = prepare_workdir(workdir)
   quiet_library_logs()
   logging.info("kimi_jax RL: %s, %.2fM params, workdir %s", s.model.family,
                s.model.num_params() / 1e6, workdir)
+  primary = distributed.is_primary()
   tr = Trainer(s, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.keep_checkpoints)
-  writer = MetricsWriter(workdir)
-  params_like = jax.eval_shape(lambda: init_params(s.model, jax.random.PRNGKey(0)))
-  opt_like = jax.eval_shape(tr.optimizer.init, params_like)
+  writer = MetricsWriter(workdir) if primary else multihost.NullWriter()
+  params_like, opt_like = tr.abstract_state()
   sampler, scheduler = tr.new_host_state()
   restored = ckpt.restore_or_none(params_like=params_like, opt_state_like=opt_like)
-  step = jnp.zeros((), jnp.int32)
-  skipped = jnp.zeros((), jnp.int32)
+  step, skipped = tr.counter(0), tr.counter(0)
   if restored is None:
     writer.truncate_after(-1)
-    params = initial_params(s, tr.task, tr.base_key)
-    opt_state = tr.optimizer.init(params)
+    params = initial_params(s, tr.task, tr.base_key, tr.train_layout)
+    opt_state = parallel.init_opt_state(tr.optimizer, params, tr.train_layout)
     row = tr.evaluate(params, 0)
     writer.write(0, {"train/loss": float("nan"), "rollout/reward_mean": float("nan"),
                      "rollout/response_tokens_mean": float("nan"), **row,
                      **tr.task.metrics()})
-    ckpt.save(0, params=params, opt_state=opt_state, host_state=_host_state(0, sampler, scheduler, s))
+    ckpt.save(0, params=params, opt_state=opt_state, host_state=_host_state(0, s, step, skipped),
+              process_state=_process_state(sampler, scheduler))
     start = 1
   else:
     start = restored.step + 1
     params, opt_state = restored.params, restored.opt_state
-    step = jnp.asarray(restored.host_state["optimizer_steps"], jnp.int32)
-    skipped = jnp.asarray(restored.host_state["skipped_updates"], jnp.int32)
-    sampler.load_state_dict(restored.host_state["prompt_sampler"])
-    scheduler.load_state_dict(restored.host_state["scheduler"])
+    step = tr.counter(restored.host_state["optimizer_steps"])
+    skipped = tr.counter(restored.host_state["skipped_updates"])
+    own = _restored_process_state(restored, ckpt.directory)
+    sampler.load_state_dict(own["prompt_sampler"])
+    scheduler.load_state_dict(own["scheduler"])
     moved = writer.truncate_after(restored.step)
     logging.info("Resumed from iteration %d (%d later metrics rows set aside)", restored.step, moved)
 
   if start <= s.total_iterations:
     t = time.perf_counter()
-    tr.engine.warmup(params, s.scheduler.num_slots, s.scheduler.max_length)
-    tr.warmup_update(params)
+    tr.warmup(params)
     logging.info("Compiled rollout and update programs in %.0f s", time.perf_counter() - t)
   bar = tqdm(range(start, s.total_iterations + 1), desc="RL", unit="it", initial=start - 1,
-             total=s.total_iterations, dynamic_ncols=True)
+             total=s.total_iterations, dynamic_ncols=True, disable=not primary)
   for it in bar:
     compiles = total_compiles()
-    params, opt_state, step, skipped, row = tr.iteration(it, params, opt_state, sampler,
-                                                         scheduler, step, skipped)
+    params, new_opt_state, step, skipped, row = tr.iteration(it, params, sampler, scheduler,
+                                                             step, skipped)
+    opt_state = opt_state if new_opt_state is None else new_opt_state
     last = it == s.total_iterations
     if it % s.eval_every == 0 or last:
       row.update(tr.evaluate(params, it))
@@ -303,13 +389,16 @@ def run(config, workdir: str) -> list[dict]:
                     acc=f"{row.get('eval/accuracy', float('nan')):.3f}")
     if it % s.checkpoint_every == 0 or last:
       ckpt.save(it, params=params, opt_state=opt_state,
-                host_state=_host_state(it, sampler, scheduler, s, step, skipped))
-    if it % s.eval_every == 0 or last:
+                host_state=_host_state(it, s, step, skipped),
+                process_state=_process_state(sampler, scheduler))
+    if primary and (it % s.eval_every == 0 or last):
       write_plots(read_metrics(os.path.join(workdir, "metrics.jsonl")),
                   os.path.join(workdir, "plots"))
   ckpt.wait_until_finished()
-  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
-  write_plots(rows, os.path.join(workdir, "plots"))
+  rows = []
+  if primary:
+    rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    write_plots(rows, os.path.join(workdir, "plots"))
   writer.close()
   ckpt.close()
   return rows
