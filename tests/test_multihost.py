@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from configs import arith_tiny
+from kimi_jax import distributed, parallel
 from kimi_jax.checkpointing import Checkpointer
 from kimi_jax.models.transformer import init_params
-from kimi_jax.rl import settings, trainer
+from kimi_jax.rl import multihost, settings, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +75,60 @@ else:
 """
 
 
+def test_combine_rows_by_hand():
+  a = {"rollout/slots_used": 4.0, "rollout/groups_completed": 3, "rollout/reward_mean": 1.0,
+       "rollout/decode_steps": 16.0, "rollout/useful_token_fraction": 0.5,
+       "rollout/finish_eos": 2.0, "sampler/eligible": 10, "sampler/success_rate_mean": 0.2,
+       "rollout/verifier_errors/timeout": 1.0, "time/rollout_s": 1.0}
+  b = {"rollout/slots_used": 4.0, "rollout/groups_completed": 1, "rollout/reward_mean": 0.0,
+       "rollout/decode_steps": 16.0, "rollout/useful_token_fraction": 0.25,
+       "rollout/finish_eos": 1.0, "sampler/eligible": 30, "sampler/success_rate_mean": 0.6,
+       "time/rollout_s": 3.0}
+  c = {k: v for k, v in b.items() if k not in ("rollout/reward_mean",)}  # no group finished
+  c["rollout/groups_completed"] = 0
+  out = multihost.combine_rows([a, b, c])
+  assert out == {
+      "rollout/slots_used": 12.0, "rollout/groups_completed": 4,
+      "rollout/reward_mean": 0.75,  # 3 groups at 1.0, 1 at 0.0; c has none
+      "rollout/decode_steps": 16.0,  # one loop for all processes
+      "rollout/useful_token_fraction": pytest.approx(1 / 3),  # equal slots: plain mean
+      "rollout/finish_eos": 4.0, "sampler/eligible": 70,
+      "sampler/success_rate_mean": pytest.approx((10 * 0.2 + 60 * 0.6) / 70),
+      "rollout/verifier_errors/timeout": 1.0, "time/rollout_s": 3.0}
+  assert multihost.combine_rows([a]) == a
+
+
+def test_distributed_initialize_is_a_noop_alone_and_names_what_is_missing(monkeypatch):
+  for name in (distributed.ENV_ADDRESS, distributed.ENV_NUM, distributed.ENV_ID):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.initialize() is False
+  with pytest.raises(ValueError, match=r"num_processes, process_id not set \(flags "
+                     r"--num_processes, --process_id or \$JAX_NUM_PROCESSES, \$JAX_PROCESS_ID\)"):
+    distributed.initialize("localhost:1234")
+  monkeypatch.setenv(distributed.ENV_NUM, "2")
+  monkeypatch.setenv(distributed.ENV_ID, "5")
+  with pytest.raises(ValueError, match=r"process_id 5 not in \[0, num_processes=2\)"):
+    distributed.initialize("localhost:1234")
+
+
+def test_row_helpers_with_one_process():
+  mesh = parallel.make_mesh(parallel.MeshConfig(2, 2, 2))
+  sharding = parallel.Layout.train(mesh, tiny_settings().model).batch()
+  assert distributed.owned_rows(sharding, 16, "rows") == slice(0, 16)
+  rows = {"a": np.arange(32).reshape(16, 2), "b": np.ones(16, np.float32)}
+  placed = distributed.to_global(rows, sharding)
+  assert placed["a"].sharding == sharding and placed["b"].sharding == sharding
+  back = distributed.to_local(placed)
+  np.testing.assert_array_equal(back["a"], rows["a"])
+  np.testing.assert_array_equal(distributed.fetch(placed)["b"], rows["b"])
+  assert distributed.allgather_json({"x": [1]}) == [{"x": [1]}]
+  assert distributed.max_over_processes(3) == 3
+
+
+def tiny_settings():
+  return settings.from_config(tiny_config())
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -111,7 +166,7 @@ def test_two_processes_train_and_one_process_restores(tmp_path):
   assert "eval/accuracy" in rows[2]
 
   # One process restores the checkpoint the two wrote.
-  s = settings.from_config(tiny_config())
+  s = tiny_settings()
   tr_opt = trainer.make_optimizer(s.update)
   params_like = jax.eval_shape(lambda: init_params(s.model, jax.random.PRNGKey(0)))
   with Checkpointer(workdir / "checkpoints") as ckpt:
