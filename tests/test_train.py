@@ -46,7 +46,8 @@ def test_unknown_top_level_key_is_reported():
   config = arith_tiny.get_config()
   config.eval_evry = 5
   config.meshh = {"data": 2}
-  with pytest.raises(settings.ConfigError, match=r"unknown top-level key\(s\) \['eval_evry', 'meshh'\]"):
+  with pytest.raises(settings.ConfigError,
+                     match=r"unknown top-level key\(s\) \['eval_evry', 'meshh'\]"):
     settings.from_config(config)
 
 

@@ -7,7 +7,8 @@ rollout slots (its own `RolloutScheduler`), its shard of the train prompts
 `minibatch_size / process_count` rows of every minibatch. The update, the
 evaluation (every process evaluates all held-out problems, identically) and
 the params are global. Process 0 alone writes metrics and plots; its rows
-combine every process's rollout metrics (`combine_rows`).
+combine every process's rollout metrics (`combine_rows`). Checkpoints hold
+each process's scheduler and prompt-sampler state (`process_state`).
 
 With one process all of this is the identity.
 """
@@ -18,7 +19,7 @@ from typing import Sequence
 
 import jax
 
-from kimi_jax import distributed
+from kimi_jax import distributed, parallel
 from kimi_jax.parallel import Layout
 from kimi_jax.rl import settings as settings_lib
 from kimi_jax.sampling.partial import SchedulerConfig
@@ -102,13 +103,38 @@ def process_rows(s: settings_lib.Settings, layout: Layout) -> SchedulerConfig:
 def make_mesh_layouts(s: settings_lib.Settings) -> tuple[Layout, Layout]:
   """(train, sample) layouts on the mesh of `config.mesh` (ConfigError naming
   it when the sizes do not fit the devices)."""
-  from kimi_jax import parallel  # pylint: disable=g-import-not-at-top
   try:
     mesh = parallel.make_mesh(s.mesh, distributed.mesh_devices(s.mesh.sizes))
   except ValueError as e:
     raise settings_lib.ConfigError(f"config.mesh: {e} ({jax.process_count()} process(es))"
                                    ) from None
   return Layout.train(mesh, s.model), Layout.sample(mesh, s.model)
+
+
+def host_state(it, s, step, skipped) -> dict:
+  """Run-wide host values of a checkpoint (the same on every process)."""
+  return {"iteration": it, "seed": s.seed, "optimizer_steps": int(distributed.to_local(step)),
+          "skipped_updates": int(distributed.to_local(skipped))}
+
+
+def process_state(sampler, scheduler) -> dict:
+  """This process's host state: its prompt statistics and rollout slots."""
+  return {"prompt_sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()}
+
+
+def restored_process_state(restored, directory: str) -> dict:
+  """This process's host state from a checkpoint; ConfigError when it was
+  written by another number of processes."""
+  own = restored.process_state
+  if own is not None:
+    return own
+  written = restored.host_state.get("processes")
+  if written is None and jax.process_count() == 1:
+    return restored.host_state  # written before per-process host state (one process)
+  raise settings_lib.ConfigError(
+      f"checkpoint step {restored.step} in {directory} was written by "
+      f"{len(written or [])} process(es) and this run has {jax.process_count()}: resume with "
+      "as many (each process's rollout slots and prompt shard are its own)")
 
 
 class NullWriter:

@@ -272,7 +272,8 @@ class Trainer:
                               self.train_layout, donate=True)
       state = TrainState(params=copy, opt_state=self.fresh_opt_state(copy, np.float32(0.0)),
                          step=self.counter(0), skipped=self.counter(0))
-      jax.block_until_ready(self.train_step(state, batch_lib.to_batch(mb, ref), ref_is_current=first))
+      out = self.train_step(state, batch_lib.to_batch(mb, ref), ref_is_current=first)
+      jax.block_until_ready(out)
 
   def iteration(self, it, params, sampler, scheduler, step, skipped):
     """One rollout + update. `params` (training layout) are donated; returns
@@ -298,36 +299,13 @@ class Trainer:
     tstate, m = self.update(params, groups, total_GK, it, step, skipped)
     opt_state = None
     if tstate is not None:
-      params, opt_state, step, skipped = tstate.params, tstate.opt_state, tstate.step, tstate.skipped
+      params, opt_state = tstate.params, tstate.opt_state
+      step, skipped = tstate.step, tstate.skipped
       row.update(m)
     t_end = time.perf_counter()
     row.update({"time/rollout_s": t_rollout - t0, "time/reward_s": t_reward - t_rollout,
                 "time/update_s": t_end - t_reward})
     return params, opt_state, step, skipped, row
-
-
-def _host_state(it, s, step, skipped) -> dict:
-  """Run-wide host values of a checkpoint (the same on every process)."""
-  return {"iteration": it, "seed": s.seed, "optimizer_steps": int(distributed.to_local(step)),
-          "skipped_updates": int(distributed.to_local(skipped))}
-
-
-def _process_state(sampler, scheduler) -> dict:
-  """This process's host state: its prompt statistics and rollout slots."""
-  return {"prompt_sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()}
-
-
-def _restored_process_state(restored, directory: str) -> dict:
-  own = restored.process_state
-  if own is not None:
-    return own
-  written = restored.host_state.get("processes")
-  if written is None and jax.process_count() == 1:
-    return restored.host_state  # written before per-process host state (one process)
-  raise settings_lib.ConfigError(
-      f"checkpoint step {restored.step} in {directory} was written by "
-      f"{len(written or [])} process(es) and this run has {jax.process_count()}: resume with "
-      "as many (each process's rollout slots and prompt shard are its own)")
 
 
 def run(config, workdir: str) -> list[dict]:
@@ -354,19 +332,21 @@ def run(config, workdir: str) -> list[dict]:
     writer.write(0, {"train/loss": float("nan"), "rollout/reward_mean": float("nan"),
                      "rollout/response_tokens_mean": float("nan"), **row,
                      **tr.task.metrics()})
-    ckpt.save(0, params=params, opt_state=opt_state, host_state=_host_state(0, s, step, skipped),
-              process_state=_process_state(sampler, scheduler))
+    ckpt.save(0, params=params, opt_state=opt_state,
+              host_state=multihost.host_state(0, s, step, skipped),
+              process_state=multihost.process_state(sampler, scheduler))
     start = 1
   else:
     start = restored.step + 1
     params, opt_state = restored.params, restored.opt_state
     step = tr.counter(restored.host_state["optimizer_steps"])
     skipped = tr.counter(restored.host_state["skipped_updates"])
-    own = _restored_process_state(restored, ckpt.directory)
+    own = multihost.restored_process_state(restored, ckpt.directory)
     sampler.load_state_dict(own["prompt_sampler"])
     scheduler.load_state_dict(own["scheduler"])
     moved = writer.truncate_after(restored.step)
-    logging.info("Resumed from iteration %d (%d later metrics rows set aside)", restored.step, moved)
+    logging.info("Resumed from iteration %d (%d later metrics rows set aside)", restored.step,
+                 moved)
 
   if start <= s.total_iterations:
     t = time.perf_counter()
@@ -389,8 +369,8 @@ def run(config, workdir: str) -> list[dict]:
                     acc=f"{row.get('eval/accuracy', float('nan')):.3f}")
     if it % s.checkpoint_every == 0 or last:
       ckpt.save(it, params=params, opt_state=opt_state,
-                host_state=_host_state(it, s, step, skipped),
-                process_state=_process_state(sampler, scheduler))
+                host_state=multihost.host_state(it, s, step, skipped),
+                process_state=multihost.process_state(sampler, scheduler))
     if primary and (it % s.eval_every == 0 or last):
       write_plots(read_metrics(os.path.join(workdir, "metrics.jsonl")),
                   os.path.join(workdir, "plots"))
