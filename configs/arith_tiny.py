@@ -79,7 +79,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # pass@1 at the rollout temperature, averaged over `samples` draws, plus greedy.
   c.eval = ml_collections.ConfigDict(dict(temperature=1.0, samples=2, greedy=True,
-                                          max_new_tokens=192))
+                                          max_new_tokens=128))
 
   # Device mesh (kimi_jax/parallel.py): 1 x 1 x 1 is one device, as on a laptop.
   # --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2 uses 8 devices.
