@@ -22,6 +22,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+# The slot axis S of one layer's keys [B, K, E, S] and values [B, K, S, E]:
+# code that moves slots around (e.g. grouped re-prefill) reads them here.
+K_SLOT_AXIS = 3
+V_SLOT_AXIS = 2
+
 
 @flax.struct.dataclass
 class KVCache:
@@ -55,7 +60,7 @@ class KVCache:
   @property
   def length(self) -> int:
     """Number of slots S (static)."""
-    return self.k[0].shape[3]
+    return self.k[0].shape[K_SLOT_AXIS]
 
   @property
   def lengths(self) -> jax.Array:

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax import distributed
+from kimi_jax.models.kv_cache import K_SLOT_AXIS, V_SLOT_AXIS
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import repetition
 from kimi_jax.sampling.finish import FinishReason
@@ -80,15 +81,6 @@ def chunk_widths(width: int, min_width: int) -> tuple[int, ...]:
     if w < max(min_width, 1) or w == out[-1]:
       return tuple(out)
     out.append(w)
-
-
-def _slot_axes(cfg: ModelConfig) -> tuple[int, int]:
-  """The slot axis of the KV cache's keys and of its values (the two layouts
-  may differ), read off the cache itself so this file does not hard-code it."""
-  a = jax.eval_shape(lambda: init_cache(cfg, 1, 2))
-  b = jax.eval_shape(lambda: init_cache(cfg, 1, 3))
-  axis = lambda x, y: [m != n for m, n in zip(x.shape, y.shape)].index(True)  # noqa: E731
-  return axis(a.k[0], b.k[0]), axis(a.v[0], b.v[0])
 
 
 def _pin(cache, layout: Optional["Layout"]):
@@ -135,7 +127,7 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
   target = jnp.where((order < B) & run_B[take], order, B)
   n_groups = (jnp.sum(run_B.astype(jnp.int32)) + G - 1) // G
   widths_arr = jnp.asarray(widths, jnp.int32)
-  k_axis, v_axis = _slot_axes(cfg)
+  k_axis, v_axis = K_SLOT_AXIS, V_SLOT_AXIS
 
   def place(x, axis, w):
     """Group cache `[G, ..., w (slots), ...]` -> slots `[W - w, W)` of a W-slot one."""
