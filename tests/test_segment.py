@@ -34,6 +34,15 @@ def resume(state):
                        .astype(np.int32))
 
 
+def in_segments(engine, params, state, *, budget, segments):
+  """`segments` calls of `budget` tokens each (same key), carried rows resumed between."""
+  for it in range(segments):
+    state, steps = engine(params, state, budget, it, jax.random.PRNGKey(1))
+    assert steps == budget
+    state = resume(state)
+  return state
+
+
 @pytest.fixture(scope="module")
 def params():
   return init_params(CFG, jax.random.PRNGKey(0))
@@ -44,11 +53,7 @@ def test_three_segments_equal_one_long_segment(params):
   state = make_state(PROMPTS)
   one, steps = engine(params, state, 24, 0, jax.random.PRNGKey(1))
   assert steps == 24 and (one.finish_B == BUDGET).all()
-  three = state
-  for it in range(3):
-    three, steps = engine(params, three, 8, it, jax.random.PRNGKey(1))
-    assert steps == 8
-    three = resume(three)
+  three = in_segments(engine, params, state, budget=8, segments=3)
   np.testing.assert_array_equal(one.tokens_BL, three.tokens_BL)
   np.testing.assert_allclose(one.logp_BL, three.logp_BL, atol=1e-5)
   # Same tokens as the plain sampler, and each token knows its iteration.
@@ -188,11 +193,7 @@ def test_grouped_prefill_three_segments_equal_one_long_segment(params):
   engine = SegmentSampler(CFG, prefill_rows=2, **GROUPED)
   state = mixed_state()
   one, _ = engine(params, state, 24, 0, jax.random.PRNGKey(1))
-  three = state
-  for it in range(3):
-    three, steps = engine(params, three, 8, it, jax.random.PRNGKey(1))
-    assert steps == 8
-    three = resume(three)
+  three = in_segments(engine, params, state, budget=8, segments=3)
   np.testing.assert_array_equal(one.tokens_BL, three.tokens_BL)
   np.testing.assert_array_equal(one.length_B, three.length_B)
   np.testing.assert_array_equal(resume(one).finish_B, three.finish_B)
