@@ -113,7 +113,9 @@ def main(argv):
                  target=TARGETS.get(batch), meets_target=ratio >= TARGETS.get(batch, 0))
     results.append(row)
     print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-  report = dict(bench="decode", params_millions=round(cfg.num_params() / 1e6, 2), model=MODEL,
+  from kimi_jax import decode_jit
+  report = dict(bench="decode", decode_compiler_options=decode_jit.compiler_options(),
+                params_millions=round(cfg.num_params() / 1e6, 2), model=MODEL,
                 prompt_len=P, new_tokens=N, dtype="float32", greedy=True,
                 backend=jax.default_backend(), cpu_count=os.cpu_count(),
                 transformers=hf_model is not None, results=results)

@@ -107,3 +107,21 @@ def test_bad_requests_are_clear_errors(params):
     generate(CFG, params, [[1]], 0)
   with pytest.raises(ValueError, match="top_p"):
     generate(CFG, params, [[1]], 2, temperature=1.0, top_p=0.0)
+
+
+def test_decode_program_keeps_matmuls_out_of_ynnpack_on_cpu(params):
+  # kimi_jax/decode_jit.py: the decode loop compiles with Eigen matmuls on CPU;
+  # other programs keep XLA's default (YNNPACK) fusions.
+  from kimi_jax import decode_jit
+  from kimi_jax.sampling import sampler
+  assert decode_jit.compiler_options("cpu") == decode_jit.CPU_DECODE_OPTIONS
+  assert decode_jit.compiler_options("tpu") is None
+  tokens = np.ones((2, 8), np.int32)
+  start = np.zeros((2,), np.int32)
+  hlo = sampler.decode.lower(params, tokens, start, np.int32(4), np.int32(-1),
+                             jax.random.PRNGKey(0), cfg=CFG, sampling=SamplingConfig(),
+                             new_slots=8).compile().as_text()
+  assert " dot(" in hlo and "__ynn_fusion" not in hlo
+  big = jnp.ones((64, 64))
+  default_hlo = jax.jit(lambda a: a @ a).lower(big).compile().as_text()
+  assert "__ynn_fusion" in default_hlo

@@ -107,3 +107,15 @@ def test_too_many_tokens_for_cache_is_a_clear_error():
 def test_config_validation(field, value, msg):
   with pytest.raises(ValueError, match=msg):
     TINY.replace(**{field: value})
+
+
+def test_decode_scores_equal_the_einsum():
+  # The CPU decode path's unrolled q.k (transformer.decode_scores) against the einsum.
+  from kimi_jax.models.transformer import decode_scores
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((3, 2, 4, 16)).astype(np.float32)
+  k = rng.standard_normal((3, 2, 16, 40)).astype(np.float32)
+  got = decode_scores(jnp.asarray(q), jnp.asarray(k))
+  want = np.einsum("bkge,bkes->bkgs", q.astype(np.float64), k.astype(np.float64))
+  assert got.shape == (3, 2, 4, 40) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)

@@ -19,14 +19,13 @@ sampling `parallel.Layout` split rows over the data axes and heads over
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax import distributed
+from kimi_jax import decode_jit, distributed
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 
@@ -101,7 +100,7 @@ def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache):
   return logits_B1V[:, 0, :], cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "new_slots", "layout"))
+@decode_jit.decode_jit(static_argnames=("cfg", "sampling", "new_slots", "layout"))
 def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax.Array,
            eos_id: jax.Array, rng: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig,
            new_slots: int, layout: Optional["Layout"] = None):

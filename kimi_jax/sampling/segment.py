@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax import distributed
+from kimi_jax import decode_jit, distributed
 from kimi_jax.models.kv_cache import K_SLOT_AXIS, V_SLOT_AXIS
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import repetition
@@ -228,7 +228,7 @@ def _sharded_segment(layout: "Layout", num_slots: int, **statics):
                            **statics)
 
   return jax.jit(segment, in_shardings=(layout.params(), state, rep, rep, rep, rep),
-                 out_shardings=(state, rep))
+                 out_shardings=(state, rep), compiler_options=decode_jit.compiler_options())
 
 
 def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *, cfg, sampling,
@@ -302,7 +302,7 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
   return new_state, steps
 
 
-_plain_segment = jax.jit(_segment_body, static_argnames=(
+_plain_segment = decode_jit.decode_jit(_segment_body, static_argnames=(
     "cfg", "sampling", "repeat", "width", "budget_slots", "prefill_rows", "prefill_min_width"))
 
 

@@ -1,0 +1,58 @@
+"""`jax.jit` for token-by-token decode programs, with XLA options chosen per backend.
+
+XLA's CPU backend hands matmuls to YNNPACK by default. That is the faster
+choice for training-sized matmuls (bench/train_step.py: 640 vs 620 tok/s), but
+a decode step multiplies a few rows by every weight matrix ([B, D] x [D, F]
+with B = 16..64), and there Eigen is 1.4-2x faster on the 2-core CPU this
+project is developed on: the matmuls of one decode step of the 20.6M Llama in
+bench/decode.py took 12.1 ms with Eigen vs 16.8 ms with YNNPACK at B=32 (9.3 vs
+12.9 ms at B=16), and a full step at a 384-slot cache 36 vs 42 ms. So the
+decode loops (`sampling.sampler.decode`, `sampling.segment.sample_segment`)
+compile with YNNPACK switched off for their program only; nothing else in the
+process changes. On TPU and GPU no option is passed.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+
+# An empty fusion-type list keeps every op out of YNNPACK; dots go to Eigen.
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options(backend: Optional[str] = None) -> Optional[dict]:
+  """XLA options for a decode program on `backend` (default: jax's default backend)."""
+  backend = backend or jax.default_backend()
+  return dict(CPU_DECODE_OPTIONS) if backend == "cpu" else None
+
+
+class DecodeJit:
+  """`jax.jit(fun, **jit_kwargs)` plus `compiler_options()`, built on first use.
+
+  Built lazily so that importing a module that defines one does not start a
+  jax backend (tests set XLA_FLAGS before the first backend call).
+  """
+
+  def __init__(self, fun: Callable, **jit_kwargs):
+    self._fun = fun
+    self._jit_kwargs = jit_kwargs
+    functools.update_wrapper(self, fun)
+
+  @functools.cached_property
+  def jitted(self):
+    return jax.jit(self._fun, compiler_options=compiler_options(), **self._jit_kwargs)
+
+  def __call__(self, *args, **kwargs):
+    return self.jitted(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self.jitted.lower(*args, **kwargs)
+
+
+def decode_jit(fun: Optional[Callable] = None, **jit_kwargs):
+  """Decorator / function form of `DecodeJit` (same arguments as `jax.jit`)."""
+  if fun is None:
+    return functools.partial(decode_jit, **jit_kwargs)
+  return DecodeJit(fun, **jit_kwargs)
