@@ -3,13 +3,15 @@
 XLA's CPU backend hands matmuls to YNNPACK by default. That is the faster
 choice for training-sized matmuls (bench/train_step.py: 640 vs 620 tok/s), but
 a decode step multiplies a few rows by every weight matrix ([B, D] x [D, F]
-with B = 16..64), and there Eigen is 1.4-2x faster on the 2-core CPU this
+with B = 16..32), and there Eigen is 1.3-1.8x faster on the 2-core CPU this
 project is developed on: the matmuls of one decode step of the 20.6M Llama in
 bench/decode.py took 12.1 ms with Eigen vs 16.8 ms with YNNPACK at B=32 (9.3 vs
-12.9 ms at B=16), and a full step at a 384-slot cache 36 vs 42 ms. So the
-decode loops (`sampling.sampler.decode`, `sampling.segment.sample_segment`)
-compile with YNNPACK switched off for their program only; nothing else in the
-process changes. On TPU and GPU no option is passed.
+12.9 ms at B=16), and a full step at a 384-slot cache 36 vs 42 ms. So
+`sampling.sampler.decode` (`generate`) compiles with YNNPACK switched off for
+its program only; nothing else in the process changes. Not the rollout sampler
+(`sampling.segment`): with 128 slots of the 3.16M model its rollouts measured
+faster with YNNPACK (2.5-2.7 s vs 3.6-3.8 s in bench/rl_iteration.py). On TPU
+and GPU no option is passed.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax import decode_jit, distributed
+from kimi_jax import distributed
 from kimi_jax.models.kv_cache import K_SLOT_AXIS, V_SLOT_AXIS
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import repetition
@@ -228,7 +228,7 @@ def _sharded_segment(layout: "Layout", num_slots: int, **statics):
                            **statics)
 
   return jax.jit(segment, in_shardings=(layout.params(), state, rep, rep, rep, rep),
-                 out_shardings=(state, rep), compiler_options=decode_jit.compiler_options())
+                 out_shardings=(state, rep))
 
 
 def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *, cfg, sampling,
@@ -302,7 +302,10 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
   return new_state, steps
 
 
-_plain_segment = decode_jit.decode_jit(_segment_body, static_argnames=(
+# XLA's default (YNNPACK) matmuls, unlike `sampler.decode` (see decode_jit.py):
+# the rollout batches are wider (bench/rl_iteration.py, 128 slots: rollout 2.5-2.7 s
+# with YNNPACK, 3.6-3.8 s with Eigen) and re-prefill is matmul-heavy.
+_plain_segment = jax.jit(_segment_body, static_argnames=(
     "cfg", "sampling", "repeat", "width", "budget_slots", "prefill_rows", "prefill_min_width"))
 
 
