@@ -53,8 +53,6 @@ class DecodeJit:
     return self.jitted.lower(*args, **kwargs)
 
 
-def decode_jit(fun: Optional[Callable] = None, **jit_kwargs):
-  """Decorator / function form of `DecodeJit` (same arguments as `jax.jit`)."""
-  if fun is None:
-    return functools.partial(decode_jit, **jit_kwargs)
-  return DecodeJit(fun, **jit_kwargs)
+def decode_jit(**jit_kwargs) -> Callable[[Callable], DecodeJit]:
+  """Decorator: `@decode_jit(static_argnames=...)` (keyword arguments of `jax.jit`)."""
+  return lambda fun: DecodeJit(fun, **jit_kwargs)

@@ -188,10 +188,9 @@ def allgather_json(obj: Any) -> list:
   if jax.process_count() == 1:
     return [obj]
   data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
-  width = max_over_processes(len(data))
-  buf = np.zeros(max(width, 1), np.uint8)
-  buf[:len(data)] = data
   lengths = multihost_utils.process_allgather(np.int32(len(data)))
+  buf = np.zeros(max(int(np.max(lengths)), 1), np.uint8)  # same width on every process
+  buf[:len(data)] = data
   rows = multihost_utils.process_allgather(buf)
   return [json.loads(bytes(rows[i, :lengths[i]]).decode("utf-8")) for i in range(len(rows))]
 

@@ -28,6 +28,15 @@ def loss_mask(traj, train_old_segments: bool) -> np.ndarray:
   return mask
 
 
+def empty_minibatch(n: int, length: int) -> dict:
+  """A minibatch of `n` padding samples of `length` tokens (sample_mask 0: no
+  loss, no gradient), in the fields of `update.Batch` except `ref_logp_NT`."""
+  return dict(tokens_NT=np.zeros((n, length), np.int32),
+              mask_NT=np.zeros((n, length), np.float32), rewards_N=np.zeros(n, np.float32),
+              baseline_N=np.zeros(n, np.float32), advantages_N=np.zeros(n, np.float32),
+              sample_mask_N=np.zeros(n, np.float32))
+
+
 def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibatch_size: int,
                      length: int = 0, length_multiple: int = 64,
                      train_old_segments: bool = False) -> list[dict]:
@@ -65,10 +74,7 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
   out = []
   for lo in range(0, len(samples), minibatch_size):
     chunk = samples[lo:lo + minibatch_size]
-    N = minibatch_size
-    mb = dict(tokens_NT=np.zeros((N, T), np.int32), mask_NT=np.zeros((N, T), np.float32),
-              rewards_N=np.zeros(N, np.float32), baseline_N=np.zeros(N, np.float32),
-              advantages_N=np.zeros(N, np.float32), sample_mask_N=np.zeros(N, np.float32))
+    mb = empty_minibatch(minibatch_size, T)
     for n, (t, g, k) in enumerate(chunk):
       mb["tokens_NT"][n, :len(t.tokens)] = t.tokens
       mb["mask_NT"][n, :len(t.tokens)] = loss_mask(t, train_old_segments)

@@ -125,14 +125,6 @@ def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key,
   return distributed.place(params, layout.params())
 
 
-def _empty_minibatch(n: int, length: int) -> dict:
-  """A minibatch of `n` padding samples (sample_mask 0: no loss, no gradient)."""
-  return dict(tokens_NT=np.zeros((n, length), np.int32),
-              mask_NT=np.zeros((n, length), np.float32), rewards_N=np.zeros(n, np.float32),
-              baseline_N=np.zeros(n, np.float32), advantages_N=np.zeros(n, np.float32),
-              sample_mask_N=np.zeros(n, np.float32))
-
-
 class Trainer:
   """Holds the run's static pieces; `run` drives the iterations."""
 
@@ -236,7 +228,7 @@ class Trainer:
     count = distributed.max_over_processes(len(mbs))
     if not count:
       return None, {}
-    mbs += [_empty_minibatch(n, T) for _ in range(count - len(mbs))]
+    mbs += [batch_lib.empty_minibatch(n, T) for _ in range(count - len(mbs))]
     mbs = [distributed.to_global(mb, self.train_layout.batch()) for mb in mbs]
     # pi_theta_i scores every sample once, before any step of this iteration;
     # the first minibatch gets its scores inside the first step (same params).
@@ -263,7 +255,7 @@ class Trainer:
     self.engine.warmup(parallel.reshard(params, self.sample_layout), self.scheduler_cfg.num_slots,
                        s.scheduler.max_length)
     n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
-    mb = distributed.to_global(_empty_minibatch(n, T), self.train_layout.batch())
+    mb = distributed.to_global(batch_lib.empty_minibatch(n, T), self.train_layout.batch())
     ref = self.ref_logprobs(params, mb["tokens_NT"])
     for first in (True, False):
       copy = parallel.reshard(params, self.train_layout)  # the step donates its state

@@ -87,8 +87,8 @@ def _pin(cache, layout: Optional["Layout"]):
   """The KV cache in the layout's shardings (rows over data, kv heads over tensor)."""
   if layout is None:
     return cache
-  k, v = cache.k[0], cache.v[0]
-  return jax.lax.with_sharding_constraint(cache, layout.kv_cache(k.shape[0], v.shape[2]))
+  return jax.lax.with_sharding_constraint(cache, layout.kv_cache(cache.start.shape[0],
+                                                                 cache.length))
 
 
 def _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra, layout=None):
@@ -127,7 +127,6 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
   target = jnp.where((order < B) & run_B[take], order, B)
   n_groups = (jnp.sum(run_B.astype(jnp.int32)) + G - 1) // G
   widths_arr = jnp.asarray(widths, jnp.int32)
-  k_axis, v_axis = K_SLOT_AXIS, V_SLOT_AXIS
 
   def place(x, axis, w):
     """Group cache `[G, ..., w (slots), ...]` -> slots `[W - w, W)` of a W-slot one."""
@@ -140,8 +139,8 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
       tokens_Gw, start_G = _left_pack(tokens_BL[rows_G], len_B[rows_G], w)
       cache = init_cache(cfg, G, w, start=start_G)
       logits_GV, cache = prefill(model, params, tokens_Gw, cache)
-      return (logits_GV, tuple(place(x, k_axis, w) for x in cache.k),
-              tuple(place(x, v_axis, w) for x in cache.v))
+      return (logits_GV, tuple(place(x, K_SLOT_AXIS, w) for x in cache.k),
+              tuple(place(x, V_SLOT_AXIS, w) for x in cache.v))
     return branch
 
   def scatter(full, group, dest_G, axis):
@@ -160,8 +159,8 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
     which = jnp.sum((widths_arr >= longest).astype(jnp.int32)) - 1
     logits_GV, k_G, v_G = jax.lax.switch(which, branches, rows_G)
     logits_BV = logits_BV.at[dest_G].set(logits_GV, mode="drop")
-    k = tuple(scatter(c, x, dest_G, k_axis) for c, x in zip(k, k_G))
-    v = tuple(scatter(c, x, dest_G, v_axis) for c, x in zip(v, v_G))
+    k = tuple(scatter(c, x, dest_G, K_SLOT_AXIS) for c, x in zip(k, k_G))
+    v = tuple(scatter(c, x, dest_G, V_SLOT_AXIS) for c, x in zip(v, v_G))
     return logits_BV, k, v
 
   start_B = width - jnp.clip(length_B, 1, width)  # as `_left_pack` would place the rows
@@ -215,7 +214,7 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
 
 @functools.lru_cache(maxsize=64)
 def _sharded_segment(layout: "Layout", num_slots: int, **statics):
-  """`_segment` jitted with the layout's in/out shardings (statics bound)."""
+  """`_segment_body` jitted with the layout's in/out shardings (statics bound)."""
   state = layout.rollout_state(num_slots)  # checks that the rows divide
   rep = layout.replicated
   # Prefill groups split over the data axes like every batch.
