@@ -119,3 +119,19 @@ def test_decode_scores_equal_the_einsum():
   want = np.einsum("bkge,bkes->bkgs", q.astype(np.float64), k.astype(np.float64))
   assert got.shape == (3, 2, 4, 40) and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_are_exact_and_computed_once_per_forward():
+  from kimi_jax.models.transformer import rope_inv_freq, rope_tables
+  positions = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)), jnp.int32)
+  inv_freq = rope_inv_freq(TINY)
+  cos, sin = jax.jit(rope_tables)(positions, inv_freq)
+  angles = jax.jit(lambda p, f: p.astype(jnp.float32)[..., None] * f[None, None])(positions, inv_freq)
+  np.testing.assert_array_equal(cos, jnp.cos(angles))
+  np.testing.assert_array_equal(sin, jnp.sin(angles))
+  # Shared by all layers, not re-evaluated inside each layer's q/k fusions.
+  cfg = TINY.replace(num_layers=4)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  hlo = jax.jit(Transformer(cfg).apply).lower({"params": params}, jnp.zeros((2, 8), jnp.int32)
+                                              ).compile().as_text()
+  assert hlo.count(" cosine(") == 1, hlo.count(" cosine(")

@@ -133,11 +133,27 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return jnp.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotary embedding in the HF "rotate half" convention (not interleaved)."""
+def rope_tables(positions_BT: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """float32 `(cos, sin)`, each `[B, T, E/2]`: the RoPE rotation, computed once
+  per forward and shared by every layer's q and k."""
   angles_BTf = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  cos = jnp.cos(angles_BTf)[:, :, None, :]
-  sin = jnp.sin(angles_BTf)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BTf), jnp.sin(angles_BTf)
+  if angles_BTf.shape[1] == 1 or jax.default_backend() != "cpu":
+    return cos, sin
+  # XLA CPU counts cos/sin as cheap and fuses them into every consumer, so
+  # they were re-evaluated per head and element of each layer's q and k
+  # (two transcendentals per entry; 7-10% of the 20.6M train step of
+  # bench/train_step.py). A dot is never fused into its consumers: a product
+  # with the identity materialises the tables once. Exact: x * 1 + 0 + ... = x.
+  f = angles_BTf.shape[-1]
+  both = jnp.concatenate([cos, sin], axis=-1) @ jnp.eye(2 * f, dtype=jnp.float32)
+  return both[..., :f], both[..., f:]
+
+
+def apply_rope(x_BTNE: jax.Array, cos_BTf: jax.Array, sin_BTf: jax.Array) -> jax.Array:
+  """Rotary embedding in the HF "rotate half" convention (not interleaved)."""
+  cos = cos_BTf[:, :, None, :]
+  sin = sin_BTf[:, :, None, :]
   x = x_BTNE.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -205,8 +221,8 @@ class Attention(nn.Module):
     return y
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_kv=None, cache_index=None):
-    """Returns `(out_BTD, (k_BKES, v_BKSE))`; the pair is the updated cache
+  def __call__(self, x_BTD, rope, mask_BTS, cache_kv=None, cache_index=None):
+    """`rope` is the `(cos, sin)` pair of `rope_tables`. Returns `(out_BTD, (k_BKES, v_BKSE))`; the pair is the updated cache
     layer when `cache_kv` is given, else the keys/values of this call."""
     cfg = self.cfg
     K, E = cfg.num_kv_heads, cfg.head_size
@@ -219,9 +235,8 @@ class Attention(nn.Module):
     q_BTHE = nn.with_logical_constraint(q_BTHE, ACT_BTHE)
     k_BTKE = nn.with_logical_constraint(k_BTKE, ACT_BTKE)
     v_BTKE = nn.with_logical_constraint(v_BTKE, ACT_BTKE)
-    inv_freq = rope_inv_freq(cfg)
-    q_BTHE = apply_rope(q_BTHE, positions_BT, inv_freq)
-    k_BTKE = apply_rope(k_BTKE, positions_BT, inv_freq)
+    q_BTHE = apply_rope(q_BTHE, *rope)
+    k_BTKE = apply_rope(k_BTKE, *rope)
 
     k_BKET = k_BTKE.transpose(0, 2, 3, 1)  # keys slots-last: see kv_cache.py
     v_BKTE = v_BTKE.transpose(0, 2, 1, 3)
@@ -279,11 +294,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache_kv=None, cache_index=None):
+  def __call__(self, x_BTD, rope, mask_BTS, cache_kv=None, cache_index=None):
     cfg = self.cfg
     pd = jnp.dtype(cfg.param_dtype)
     h = RMSNorm(cfg.rms_norm_eps, pd, name="attn_norm")(x_BTD)
-    attn_out, kv = Attention(cfg, name="attn")(h, positions_BT, mask_BTS, cache_kv, cache_index)
+    attn_out, kv = Attention(cfg, name="attn")(h, rope, mask_BTS, cache_kv, cache_index)
     x_BTD = x_BTD + attn_out
     h = RMSNorm(cfg.rms_norm_eps, pd, name="mlp_norm")(x_BTD)
     return x_BTD + MLP(cfg, name="mlp")(h), kv
@@ -351,10 +366,11 @@ class Transformer(nn.Module):
                                           ("vocab", None))
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0)
     x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
+    rope = rope_tables(positions_BT, rope_inv_freq(cfg))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_BTD, (k, v) = layer(x_BTD, positions_BT, mask_BTS, cache_kv,
+      x_BTD, (k, v) = layer(x_BTD, rope, mask_BTS, cache_kv,
                             None if cache is None else cache.index)
       x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
       new_k.append(k)
