@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax.models.kv_cache import KVCache
+from kimi_jax.models.swiglu import swiglu
 
 FAMILIES = ("llama", "qwen2")
 
@@ -271,6 +272,10 @@ class Attention(nn.Module):
     return out_BTD, (k_BKES, v_BKSE)
 
 
+def _constrain_hidden(h_BTF):
+  return nn.with_logical_constraint(h_BTF, ACT_BTF)
+
+
 class MLP(nn.Module):
   cfg: ModelConfig
 
@@ -284,10 +289,10 @@ class MLP(nn.Module):
       return jnp.asarray(w, x_BTD.dtype)
 
     d, f = cfg.hidden_size, cfg.intermediate_size
-    gate = x_BTD @ kernel("gate", (d, f), ("embed", "mlp"))
-    up = x_BTD @ kernel("up", (d, f), ("embed", "mlp"))
-    hidden_BTF = nn.with_logical_constraint(nn.silu(gate) * up, ACT_BTF)
-    return hidden_BTF @ kernel("down", (f, d), ("mlp", "embed"))
+    gate = kernel("gate", (d, f), ("embed", "mlp"))
+    up = kernel("up", (d, f), ("embed", "mlp"))
+    down = kernel("down", (f, d), ("mlp", "embed"))
+    return swiglu(x_BTD, gate, up, down, _constrain_hidden)
 
 
 class Block(nn.Module):
