@@ -21,6 +21,7 @@ from absl import app, flags
 flags.DEFINE_integer("iterations", 3, "Timed iterations (after one compiling iteration).")
 flags.DEFINE_integer("microbatch", 32, "Samples per forward/backward pass.")
 flags.DEFINE_integer("length_multiple", 16, "Training sequence length rounding.")
+flags.DEFINE_integer("decode_phases", 4, "Rollout decode over a cache grown in this many steps.")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 FLAGS = flags.FLAGS
 
@@ -52,7 +53,8 @@ def main(argv):
   sched_cfg = SchedulerConfig(num_slots=PROMPTS * K, samples_per_prompt=K, max_length=8 + NEW,
                               max_prompt_length=8, segment_budget=NEW, partial=False, max_age=0)
   engine = SegmentSampler(cfg, SamplingConfig(temperature=1.0), RepeatConfig(), eos_id=None,
-                          budget_slots=sched_cfg.max_length, min_width=8)
+                          budget_slots=sched_cfg.max_length, min_width=8,
+                          decode_phases=FLAGS.decode_phases)
   ucfg = UpdateConfig(learning_rate=1e-5, microbatch_size=FLAGS.microbatch)
   loss_cfg = losses.LossConfig()
   optimizer = make_optimizer(ucfg)
@@ -106,7 +108,8 @@ def main(argv):
           flush=True)
   report = dict(bench="rl_iteration", params_millions=round(cfg.num_params() / 1e6, 3),
                 prompts=PROMPTS, k=K, new_tokens=NEW, train_tokens_per_sample=mbs[0]["tokens_NT"].shape[1],
-                microbatch=FLAGS.microbatch, first_iteration_s=round(compile_s, 2),
+                microbatch=FLAGS.microbatch, decode_phases=FLAGS.decode_phases,
+                first_iteration_s=round(compile_s, 2),
                 **{k: round(statistics.median(v), 3) for k, v in phases.items()},
                 target_total_s=4.7, peers={"trl_grpo_s": 9.4, "tunix_grpo_s": 17.5})
   if FLAGS.json:

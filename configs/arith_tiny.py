@@ -54,6 +54,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       segment_budget=64,  # new tokens per slot per iteration; longer responses carry over
       partial=True,
       max_age=4,  # iterations a trajectory may be carried before it is cut (max_age)
+      # Decode over a KV cache grown in this many steps (sampling/segment.py): pays
+      # for long segments (bench/rl_iteration.py uses 4). 1 here: segments are 64
+      # tokens, and each phase compiles the decode loop again for every width.
+      decode_phases=1,
       overlong_prompt="reject",
       temperature=1.0, top_k=0, top_p=1.0,
       repeat_max_period=8, repeat_min_repeats=4, repeat_min_span=24))

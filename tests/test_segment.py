@@ -9,7 +9,7 @@ from kimi_jax.models.transformer import ModelConfig, init_params
 from kimi_jax.sampling.finish import FinishReason
 from kimi_jax.sampling.repetition import RepeatConfig
 from kimi_jax.sampling.sampler import SamplingConfig, generate
-from kimi_jax.sampling.segment import SegmentSampler, chunk_widths
+from kimi_jax.sampling.segment import SegmentSampler, chunk_widths, phase_slots
 from kimi_jax.sampling.state import RolloutState
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -276,3 +276,30 @@ def test_segment_layout_checks_rows_and_model(params):
     sample_segment(params, eight_rows(), np.int32(4), np.int32(0), jax.random.PRNGKey(0),
                    np.int32(-1), cfg=CFG.replace(num_layers=1), sampling=SamplingConfig(),
                    repeat=RepeatConfig(), width=64, budget_slots=8, layout=layout)
+
+
+def test_phase_slots_grow_to_the_whole_cache():
+  assert phase_slots(8, 128, 4) == (40, 72, 104, 136)
+  assert phase_slots(16, 5, 4) == (18, 19, 20, 21)
+  assert phase_slots(16, 2, 4) == (17, 18)  # no empty phases
+  assert phase_slots(16, 24, 1) == (40,)
+  with pytest.raises(ValueError, match="decode_phases"):
+    SegmentSampler(CFG, decode_phases=0, **GROUPED)
+
+
+def test_phased_decode_matches_one_phase(params):
+  # Rows finish at different steps (eos, max length, budget) across phase
+  # boundaries; carried rows of different lengths set the width.
+  state = mixed_state(max_length=48)
+  free = generate(CFG, params, [state.tokens_BL[1, :state.length_B[1]].tolist()], 12)[0]
+  one = SegmentSampler(CFG, prefill_rows=2, **dict(GROUPED, eos_id=free[9]))
+  four = SegmentSampler(CFG, prefill_rows=2, decode_phases=4, **dict(GROUPED, eos_id=free[9]))
+  a, steps_a = one(params, state, 20, 3, jax.random.PRNGKey(2))
+  b, steps_b = four(params, state, 20, 3, jax.random.PRNGKey(2))
+  assert steps_a == steps_b == 20
+  assert {int(FinishReason.EOS), int(FinishReason.MAX_LENGTH), int(FinishReason.BUDGET)} <= set(
+      a.finish_B.tolist()), a.finish_B
+  np.testing.assert_array_equal(a.tokens_BL, b.tokens_BL)
+  np.testing.assert_array_equal(a.length_B, b.length_B)
+  np.testing.assert_array_equal(a.finish_B, b.finish_B)
+  np.testing.assert_allclose(a.logp_BL, b.logp_BL, atol=1e-5)

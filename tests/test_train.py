@@ -20,6 +20,7 @@ def test_settings_from_default_config():
   s = settings.from_config(arith_tiny.get_config())
   assert s.loss.algorithm == "k15" and s.prompts.mode == "prioritized"
   assert s.scheduler.partial and s.model.vocab_size == 264
+  assert s.decode_phases == 1
   s = settings.from_config(arith_tiny.get_config("smoke"))
   assert s.total_iterations == 4
 
@@ -31,6 +32,7 @@ def test_settings_from_default_config():
     ("optim.microbatch_size", 48, "multiple of config.optim.microbatch_size"),
     ("model.num_kv_heads", 3, "config.model: .*num_kv_heads"),
     ("eval_every", 0, "eval_every"),
+    ("rollout.decode_phases", 0, "config.rollout.decode_phases must be an int >= 1"),
 ])
 def test_bad_config_values_name_the_key(path, value, msg):
   config = arith_tiny.get_config()

@@ -83,3 +83,18 @@ class KVCache:
     """int32 `[B, T]`: RoPE positions of the next `num_queries` tokens."""
     query_slot_T = self.index + jnp.arange(num_queries, dtype=jnp.int32)
     return query_slot_T[None, :] - self.start[:, None]
+
+  def resize(self, length: int) -> "KVCache":
+    """The same cache with `length` slots (static): slots past `length` are
+    dropped, or new empty slots appended. Cheap compared with attending over
+    unused slots: decode loops grow the cache in a few phases (see
+    `kimi_jax.sampling.segment`)."""
+    def fit(x, axis):
+      if length <= x.shape[axis]:
+        return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+      pad = [(0, 0)] * x.ndim
+      pad[axis] = (0, length - x.shape[axis])
+      return jnp.pad(x, pad)
+    return self.replace(k=tuple(fit(x, K_SLOT_AXIS) for x in self.k),
+                        v=tuple(fit(x, V_SLOT_AXIS) for x in self.v))
+

@@ -151,6 +151,7 @@ class Settings:
   rl: RLExtras
   eval: EvalSettings
   hf_path: Optional[str] = None  # starting weights (else random init + SFT warm-up)
+  decode_phases: int = 1  # rollout decode over a cache grown in this many steps (segment.py)
   mesh: parallel.MeshConfig = parallel.MeshConfig(data=1, fsdp=1, tensor=1)
 
 
@@ -236,6 +237,9 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
   sampling = _take(rollout, ("temperature", "top_k", "top_p"))
   repeat = {k[len("repeat_"):]: v for k, v in
             _take(rollout, ("repeat_max_period", "repeat_min_repeats", "repeat_min_span")).items()}
+  decode_phases = rollout.pop("decode_phases", 1)
+  if not isinstance(decode_phases, int) or isinstance(decode_phases, bool) or decode_phases < 1:
+    raise ConfigError(f"config.rollout.decode_phases must be an int >= 1, got {decode_phases!r}")
   rl = dict(c["rl"])
   extras = _take(rl, ("minibatch_size", "train_old_segments"))
   reward = _take(rl, ("length_penalty_weight", "length_penalty_start", "truncated_reward",
@@ -264,6 +268,7 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
       rl=_build(RLExtras, "rl", extras),
       eval=_build(EvalSettings, "eval", dict(c["eval"])),
       hf_path=hf_path,
+      decode_phases=decode_phases,
       mesh=_build(parallel.MeshConfig, "mesh", dict(c["mesh"]) if "mesh" in c else {"data": 1}),
   )
   if isinstance(data, PromptFileData) and sft_steps:

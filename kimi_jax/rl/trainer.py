@@ -147,7 +147,7 @@ class Trainer:
     budget_slots = s.scheduler.max_length if not s.scheduler.partial else s.scheduler.segment_budget
     self.engine = SegmentSampler(s.model, s.sampling, s.repeat, self.task.eos_id, budget_slots,
                                  min_width=s.scheduler.max_prompt_length,
-                                 layout=self.sample_layout)
+                                 decode_phases=s.decode_phases, layout=self.sample_layout)
     self.base_key = jax.random.PRNGKey(s.seed)
 
   def counter(self, value: int) -> jax.Array:

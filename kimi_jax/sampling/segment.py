@@ -83,6 +83,20 @@ def chunk_widths(width: int, min_width: int) -> tuple[int, ...]:
     out.append(w)
 
 
+def phase_slots(width: int, new_slots: int, phases: int) -> tuple[int, ...]:
+  """Cache sizes of the decode phases: `W + ceil(N * j / phases)` for j = 1..phases.
+
+  Phase j decodes while the next token's slot is below its size, so early
+  tokens attend over a short cache and only the last phase over all W + N
+  slots: with W << N about (phases - 1) / (2 * phases) of the attention
+  reads are saved. Each phase costs one copy of the cache when it grows and
+  one more copy of the decode body in the compiled program.
+  """
+  if phases < 1:
+    raise ValueError(f"decode_phases must be >= 1, got {phases}")
+  return tuple(sorted({width + -(-new_slots * j // phases) for j in range(1, phases + 1)}))
+
+
 def _pin(cache, layout: Optional["Layout"]):
   """The KV cache in the layout's shardings (rows over data, kv heads over tensor)."""
   if layout is None:
@@ -174,7 +188,7 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
                    rng: jax.Array, eos_id: jax.Array, *, cfg: ModelConfig,
                    sampling: SamplingConfig, repeat: repetition.RepeatConfig, width: int,
                    budget_slots: int, prefill_rows: int = 0, prefill_min_width: int = 16,
-                   layout: Optional["Layout"] = None):
+                   decode_phases: int = 1, layout: Optional["Layout"] = None):
   """Continue the running rows of `state` by up to `budget` tokens each.
 
   Args:
@@ -193,6 +207,8 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
       `_prefill_grouped`). Same result up to float rounding; much cheaper
       when a few long carried rows set W.
     prefill_min_width: static, narrowest group width.
+    decode_phases: static, decode the segment over a cache grown in this
+      many steps (`phase_slots`); 1 = attend over all W + N slots throughout.
     layout: the sampling `parallel.Layout` that `params` are in, or None.
       B must divide over its data axes; `state` (global arrays or, with one
       process, host arrays) is taken and returned in `layout.rollout_state(B)`.
@@ -203,7 +219,7 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
   """
   statics = dict(cfg=cfg, sampling=sampling, repeat=repeat, width=width,
                  budget_slots=budget_slots, prefill_rows=prefill_rows,
-                 prefill_min_width=prefill_min_width)
+                 prefill_min_width=prefill_min_width, decode_phases=decode_phases)
   if layout is None:
     return _plain_segment(params, state, budget, iteration, rng, eos_id, **statics)
   if layout.cfg != cfg:
@@ -231,7 +247,8 @@ def _sharded_segment(layout: "Layout", num_slots: int, **statics):
 
 
 def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *, cfg, sampling,
-                  repeat, width, budget_slots, prefill_rows, prefill_min_width, layout=None):
+                  repeat, width, budget_slots, prefill_rows, prefill_min_width, decode_phases=1,
+                  layout=None):
   """`sample_segment`'s computation (traced under `layout.activate()` when sharded)."""
   B, L = state.tokens_BL.shape
   N = budget_slots
@@ -287,8 +304,19 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
     inner = emit(i, token_B, logp_B, done_B, reason_B, count_B, out_BN, logp_BN, history_BH)
     return i + 1, cache, token_B, inner, rng
 
-  steps, _, _, inner, _ = jax.lax.while_loop(
-      cond, body, (jnp.ones((), jnp.int32), cache, token_B, carry, rng))
+  # The decode loop runs in phases over a growing cache (`decode_phases`):
+  # phase j attends over `bounds[j]` slots only, instead of all W + N.
+  bounds = phase_slots(width, cache.length - width, decode_phases)
+  loop = (jnp.ones((), jnp.int32), _pin(cache.resize(bounds[0]), layout), token_B, carry, rng)
+  for j, slots in enumerate(bounds):
+    if j:
+      i, cache, *rest = loop
+      loop = (i, _pin(cache.resize(slots), layout), *rest)
+    # Stop the phase once the next token's slot falls outside its cache.
+    phase_cond = cond if slots == bounds[-1] else (
+        lambda c, slots=slots: cond(c) & (c[1].index < slots))
+    loop = jax.lax.while_loop(phase_cond, body, loop)
+  steps, _, _, inner, _ = loop
   _, reason_B, count_B, out_BN, logp_BN, _ = inner
 
   iter_BN = jnp.full((B, N), iteration, jnp.int32)
@@ -305,7 +333,8 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
 # the rollout batches are wider (bench/rl_iteration.py, 128 slots: rollout 2.5-2.7 s
 # with YNNPACK, 3.6-3.8 s with Eigen) and re-prefill is matmul-heavy.
 _plain_segment = jax.jit(_segment_body, static_argnames=(
-    "cfg", "sampling", "repeat", "width", "budget_slots", "prefill_rows", "prefill_min_width"))
+    "cfg", "sampling", "repeat", "width", "budget_slots", "prefill_rows", "prefill_min_width",
+    "decode_phases"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +352,9 @@ class SegmentSampler:
       running rows are re-prefilled this many at a time, each group at the
       width its longest row needs, so one long carried row no longer makes
       every row prefill at its width. 0 = one prefill of all B rows at W.
+    decode_phases: decode over a KV cache grown in this many steps
+      (`phase_slots`): early tokens attend over fewer slots, at the price of
+      one more copy of the decode loop per phase in the compiled program.
     layout: the sampling `parallel.Layout` (params must be in it), or None.
       States passed in and returned are then this process's rows (all of
       them with one process); the segment runs over the rows of every
@@ -335,11 +367,15 @@ class SegmentSampler:
   budget_slots: int
   min_width: int = 16
   prefill_rows: int = 4
+  decode_phases: int = 1
   layout: Optional["Layout"] = None
 
   def __post_init__(self):
     if not isinstance(self.prefill_rows, int) or self.prefill_rows < 0:
       raise ValueError(f"SegmentSampler.prefill_rows must be an int >= 0, got {self.prefill_rows!r}")
+    if not isinstance(self.decode_phases, int) or self.decode_phases < 1:
+      raise ValueError(
+          f"SegmentSampler.decode_phases must be an int >= 1, got {self.decode_phases!r}")
 
   def width_for(self, state: RolloutState) -> int:
     """Prefill bucket for the longest running row of a host-side state."""
@@ -371,7 +407,8 @@ class SegmentSampler:
         params, state, np.int32(budget), np.int32(iteration), rng,
         np.int32(NO_EOS if self.eos_id is None else self.eos_id), cfg=self.cfg,
         sampling=self.sampling, repeat=self.repeat, width=width, budget_slots=self.budget_slots,
-        prefill_rows=self.prefill_rows, prefill_min_width=self.min_width, layout=self.layout)
+        prefill_rows=self.prefill_rows, prefill_min_width=self.min_width,
+        decode_phases=self.decode_phases, layout=self.layout)
     if self.layout is None:
       return new_state.to_numpy(), int(steps)
     return distributed.to_local(new_state), int(distributed.to_local(steps))
