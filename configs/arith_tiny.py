@@ -16,7 +16,7 @@ import ml_collections
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_iterations = 160  # RL iterations after the iteration-0 evaluation (~10 min in all)
+  c.total_iterations = 160  # RL iterations after the iteration-0 evaluation (~9 min in all on 2 CPU cores)
   c.eval_every = 10
   c.checkpoint_every = 10
   c.keep_checkpoints = 3
@@ -79,7 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-5, warmup_iterations=0, b1=0.9, b2=0.95, weight_decay=0.0,
-      clip_norm=1.0, microbatch_size=32))
+      # 16-sample microbatches: the update step measured 0.60 s vs 0.68 s with 32
+      # (64 x 112 tokens, alternating in one process; smaller working set in cache).
+      clip_norm=1.0, microbatch_size=16))
 
   # pass@1 at the rollout temperature, averaged over `samples` draws, plus greedy.
   c.eval = ml_collections.ConfigDict(dict(temperature=1.0, samples=2, greedy=True,
