@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 
 flags.DEFINE_integer("iterations", 3, "Timed iterations (after one compiling iteration).")
-flags.DEFINE_integer("microbatch", 16, "Samples per forward/backward pass (16: fastest of 8-128 here).")
+flags.DEFINE_integer("microbatch", 8, "Samples per forward/backward pass (8: fastest of 8-128 here).")
 flags.DEFINE_integer("length_multiple", 16, "Training sequence length rounding.")
 flags.DEFINE_integer("decode_phases", 4, "Rollout decode over a cache grown in this many steps.")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
