@@ -16,7 +16,7 @@ import ml_collections
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_iterations = 160  # RL iterations after the iteration-0 evaluation (~9 min in all on 2 CPU cores)
+  c.total_iterations = 160  # RL iterations after the iteration-0 evaluation (~10 min in all on 2 CPU cores)
   c.eval_every = 10
   c.checkpoint_every = 10
   c.keep_checkpoints = 3
@@ -47,7 +47,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Partial rollouts (method spec §8).
   c.rollout = ml_collections.ConfigDict(dict(
-      num_slots=64,  # B decode slots
+      # B decode slots: 12 prompts x k=8 per iteration. With 64 slots (8 prompts)
+      # held-out pass@1 plateaued at 0.42-0.46; with 96 it reached 0.45-0.48
+      # (iterations 110-160, one run each), in 9.6 instead of 8.6 minutes.
+      num_slots=96,
       samples_per_prompt=8,  # k: group size for the mean-reward baseline
       max_length=160,  # prompt + response cap (level-3 long traces are under 100 bytes)
       max_prompt_length=32,
@@ -74,7 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       hard_from_iteration=0, hard_min_difficulty=0.5,
       length_penalty_weight=0.2, length_penalty_start=60,  # warm-up: off for the first half
       truncated_reward=0.0, repeat_penalty=0.5,
-      minibatch_size=64,  # samples per optimizer step; extra samples give extra steps
+      minibatch_size=96,  # samples per optimizer step; extra samples give extra steps
       train_old_segments=True))
 
   c.optim = ml_collections.ConfigDict(dict(

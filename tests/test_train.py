@@ -29,7 +29,7 @@ def test_settings_from_default_config():
     ("rl.loss", "reinforce", "config.rl: .*algorithm"),
     ("rl.prompt_sampling", "random", "config.rl: .*mode"),
     ("rollout.num_slots", 0, "config.rollout: .*num_slots"),
-    ("optim.microbatch_size", 48, "multiple of config.optim.microbatch_size"),
+    ("optim.microbatch_size", 40, "multiple of config.optim.microbatch_size"),
     ("model.num_kv_heads", 3, "config.model: .*num_kv_heads"),
     ("eval_every", 0, "eval_every"),
     ("rollout.decode_phases", 0, "config.rollout.decode_phases must be an int >= 1"),
