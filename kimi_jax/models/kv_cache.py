@@ -97,4 +97,3 @@ class KVCache:
       return jnp.pad(x, pad)
     return self.replace(k=tuple(fit(x, K_SLOT_AXIS) for x in self.k),
                         v=tuple(fit(x, V_SLOT_AXIS) for x in self.v))
-

@@ -259,11 +259,17 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
 
   tokens_BL = jnp.asarray(state.tokens_BL)
   length_B = jnp.asarray(state.length_B)
+  # The decode loop runs in phases over a growing cache (`decode_phases`):
+  # phase j attends over `bounds[j]` slots only, instead of all W + N. The
+  # prefill builds the first phase's cache.
+  bounds = phase_slots(width, N, decode_phases)
+  extra = bounds[0] - width
   if 0 < prefill_rows < B and len(chunk_widths(width, prefill_min_width)) > 1:
     logits_BV, cache = _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width,
-                                        N, prefill_rows, prefill_min_width, layout)
+                                        extra, prefill_rows, prefill_min_width, layout)
   else:
-    logits_BV, cache = _prefill_whole(model, cfg, params, tokens_BL, length_B, width, N, layout)
+    logits_BV, cache = _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra,
+                                      layout)
   history_BH = repetition.init_history(state.tokens_BL, state.length_B, state.prompt_len_B, repeat)
 
   def emit(i, token_B, logp_B, done_B, reason_B, count_B, out_BN, logp_BN, history_BH):
@@ -304,10 +310,7 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
     inner = emit(i, token_B, logp_B, done_B, reason_B, count_B, out_BN, logp_BN, history_BH)
     return i + 1, cache, token_B, inner, rng
 
-  # The decode loop runs in phases over a growing cache (`decode_phases`):
-  # phase j attends over `bounds[j]` slots only, instead of all W + N.
-  bounds = phase_slots(width, cache.length - width, decode_phases)
-  loop = (jnp.ones((), jnp.int32), _pin(cache.resize(bounds[0]), layout), token_B, carry, rng)
+  loop = (jnp.ones((), jnp.int32), cache, token_B, carry, rng)
   for j, slots in enumerate(bounds):
     if j:
       i, cache, *rest = loop
