@@ -8,7 +8,9 @@ project is developed on: the matmuls of one decode step of the 20.6M Llama in
 bench/decode.py took 12.1 ms with Eigen vs 16.8 ms with YNNPACK at B=32 (9.3 vs
 12.9 ms at B=16), and a full step at a 384-slot cache 36 vs 42 ms. So
 `sampling.sampler.decode` (`generate`) compiles with YNNPACK switched off for
-its program only; nothing else in the process changes. Not the rollout sampler
+its program only; nothing else in the process changes. The programs it compiles
+are traced under `attention.chunked_cpu_decode()`, the attention form measured
+fastest with Eigen (see `attention.decode_step_cpu`). Not the rollout sampler
 (`sampling.segment`): with 128 slots of the 3.16M model its rollouts measured
 faster with YNNPACK (2.5-2.7 s vs 3.6-3.8 s in bench/rl_iteration.py). On TPU
 and GPU no option is passed.
@@ -19,6 +21,8 @@ import functools
 from typing import Callable, Optional
 
 import jax
+
+from kimi_jax.models import attention
 
 # An empty fusion-type list keeps every op out of YNNPACK; dots go to Eigen.
 CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -42,9 +46,15 @@ class DecodeJit:
     self._jit_kwargs = jit_kwargs
     functools.update_wrapper(self, fun)
 
+    @functools.wraps(fun)  # keeps the signature that static_argnames refer to
+    def traced(*args, **kwargs):
+      with attention.chunked_cpu_decode():
+        return fun(*args, **kwargs)
+    self._traced = traced
+
   @functools.cached_property
   def jitted(self):
-    return jax.jit(self._fun, compiler_options=compiler_options(), **self._jit_kwargs)
+    return jax.jit(self._traced, compiler_options=compiler_options(), **self._jit_kwargs)
 
   def __call__(self, *args, **kwargs):
     return self.jitted(*args, **kwargs)

@@ -109,16 +109,48 @@ def test_config_validation(field, value, msg):
     TINY.replace(**{field: value})
 
 
-def test_decode_scores_equal_the_einsum():
-  # The CPU decode path's unrolled q.k (transformer.decode_scores) against the einsum.
-  from kimi_jax.models.transformer import decode_scores
+@pytest.mark.parametrize("E,S", [(16, 40), (24, 37), (64, 384)])
+def test_decode_step_products_equal_the_einsums(E, S):
+  # The CPU decode path's chunked q.k and p.v (attention.decode_scores /
+  # decode_values) against the einsums, including sizes the preferred chunks
+  # do not divide (E=24: q.k chunk 12; S=37: p.v chunk 1).
+  from kimi_jax.models.attention import decode_scores, decode_values
   rng = np.random.default_rng(0)
-  q = rng.standard_normal((3, 2, 4, 16)).astype(np.float32)
-  k = rng.standard_normal((3, 2, 16, 40)).astype(np.float32)
+  q = rng.standard_normal((3, 2, 4, E)).astype(np.float32)
+  k = rng.standard_normal((3, 2, E, S)).astype(np.float32)
+  p = rng.random((3, 2, 4, S)).astype(np.float32)
+  v = rng.standard_normal((3, 2, S, E)).astype(np.float32)
   got = decode_scores(jnp.asarray(q), jnp.asarray(k))
   want = np.einsum("bkge,bkes->bkgs", q.astype(np.float64), k.astype(np.float64))
-  assert got.shape == (3, 2, 4, 40) and got.dtype == jnp.float32
+  assert got.shape == (3, 2, 4, S) and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  got = decode_values(jnp.asarray(p), jnp.asarray(v))
+  want = np.einsum("bkgs,bkse->bkge", p.astype(np.float64), v.astype(np.float64))
+  assert got.shape == (3, 2, 4, E)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_cpu_decode_step_equals_attend(chunked):
+  # One query per row over a left-padded cache: both CPU forms (the chunked
+  # one is what decode_jit programs trace) against the general einsum path,
+  # including a row whose only visible slot is its own.
+  import contextlib
+
+  from kimi_jax.models.attention import attend, chunked_cpu_decode, decode_step_cpu
+  rng = np.random.default_rng(1)
+  B, K, G, E, S = 3, 2, 4, 16, 24
+  q = jnp.asarray(rng.standard_normal((B, K, G, E)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((B, K, E, S)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((B, K, S, E)), jnp.float32)
+  start = np.array([0, 5, S - 1])
+  mask = jnp.asarray(np.arange(S)[None, :] >= start[:, None])
+  with chunked_cpu_decode() if chunked else contextlib.nullcontext():
+    got = decode_step_cpu(q, k, v, mask)
+  want = attend(q[:, :, :, None, :], k, v, mask[:, None, :])[:, :, :, 0, :]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got[2]), np.asarray(v[2, :, None, S - 1, :]).repeat(G, 1),
+                             rtol=1e-6)
 
 
 def test_rope_tables_are_exact_and_computed_once_per_forward():

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kimi_jax.models import attention
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.swiglu import swiglu
 
@@ -189,24 +190,6 @@ class RMSNorm(nn.Module):
     return scale * normed.astype(x.dtype)
 
 
-def decode_scores(q_BKGE: jax.Array, k_BKES: jax.Array) -> jax.Array:
-  """float32 `[B, K, G, S]` q.k of one new query per row, as a multiply-add over E.
-
-  For a single query XLA CPU runs `einsum('bkge,bkes->bkgs')` as B*K tiny
-  [G, E] x [E, S] matmuls; unrolled over E it is one elementwise loop over the
-  cache, which XLA also fuses with the mask and the softmax. Profiled in the
-  decode loop of bench/decode.py (B=16, 384 slots, per layer and step): 0.92 ms
-  for the dot plus 0.08 ms for mask and exp, vs 0.71 ms for the fused form.
-  Used on CPU only; accelerators keep the einsum.
-  """
-  q = q_BKGE.astype(jnp.float32)
-  k = k_BKES.astype(jnp.float32)
-  acc = q[..., 0, None] * k[:, :, None, 0, :]
-  for e in range(1, q.shape[-1]):
-    acc = acc + q[..., e, None] * k[:, :, None, e, :]
-  return acc
-
-
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -251,15 +234,10 @@ class Attention(nn.Module):
     B, T = x_BTD.shape[:2]
     q_BKGTE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4)
     if T == 1 and cache_kv is not None and jax.default_backend() == "cpu":
-      scores = decode_scores(q_BKGTE[:, :, :, 0, :], k_BKES)[:, :, :, None, :]
+      out_BKGTE = attention.decode_step_cpu(q_BKGTE[:, :, :, 0, :], k_BKES, v_BKSE,
+                                            mask_BTS[:, 0, :])[:, :, :, None, :]
     else:
-      scores = jnp.einsum("bkgte,bkes->bkgts", q_BKGTE, k_BKES.astype(q_BKGTE.dtype),
-                          preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(E))
-    # A finite fill keeps fully masked rows (left padding) free of NaNs.
-    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
-    out_BKGTE = jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
+      out_BKGTE = attention.attend(q_BKGTE, k_BKES, v_BKSE, mask_BTS)
     out_BTHE = out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads, E)
     o = self.param("o", nn.with_logical_partitioning(_kernel_init(), ("q_heads", "head_dim", "embed")),
                    (cfg.num_heads, E, cfg.hidden_size), jnp.dtype(cfg.param_dtype))

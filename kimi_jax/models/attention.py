@@ -1,0 +1,117 @@
+"""Attention core: softmax(q.k / sqrt(E)) . v over keys laid out slots-last.
+
+Axis legend: B batch, T queries, S key slots, K kv heads, G query heads per
+kv head, E head dim. Keys are `[B, K, E, S]` and values `[B, K, S, E]` (the
+KV-cache layout, see kv_cache.py); masked slots get a finite fill so fully
+masked rows (left padding) stay free of NaNs.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import jax
+import jax.numpy as jnp
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def attend(q_BKGTE: jax.Array, k_BKES: jax.Array, v_BKSE: jax.Array,
+           mask_BTS: jax.Array) -> jax.Array:
+  """`[B, K, G, T, E]` (v's dtype) attention output; scores and softmax in float32."""
+  E = q_BKGTE.shape[-1]
+  scores = jnp.einsum("bkgte,bkes->bkgts", q_BKGTE, k_BKES.astype(q_BKGTE.dtype),
+                      preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(E))
+  scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
+  return jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
+
+
+def _chunk(n: int, preferred: int) -> int:
+  """The largest divisor of n that is <= preferred."""
+  return max(c for c in range(1, min(n, preferred) + 1) if n % c == 0)
+
+
+# Contraction chunk sizes of the two decode-step products (see decode_step_cpu).
+QK_CHUNK = 16
+PV_CHUNK = 8
+
+
+def decode_scores(q_BKGE: jax.Array, k_BKES: jax.Array, chunk: int = QK_CHUNK) -> jax.Array:
+  """float32 `[B, K, G, S]` q.k of one new query per row.
+
+  The contraction over E runs as `chunk`-term multiply-adds (one elementwise
+  loop over the cache, vectorised along the contiguous slot axis), then a sum
+  over the E / chunk partial results. With `chunk >= E` (one partial) it is
+  a single loop that XLA fuses into the mask and the softmax.
+  """
+  c = _chunk(q_BKGE.shape[-1], chunk)
+  q = q_BKGE.astype(jnp.float32)
+  k = k_BKES.astype(jnp.float32)
+  # Strided slices, not a reshape of the cache: XLA fused a reshape of the
+  # freshly updated cache with its update and copied the cache every step.
+  acc = q[..., 0::c, None] * k[:, :, None, 0::c, :]
+  for j in range(1, c):
+    acc = acc + q[..., j::c, None] * k[:, :, None, j::c, :]
+  return jnp.sum(acc, axis=3)
+
+
+def decode_values(p_BKGS: jax.Array, v_BKSE: jax.Array, chunk: int = PV_CHUNK) -> jax.Array:
+  """`[B, K, G, E]` p.v of one query per row: `chunk`-term multiply-adds over
+  slots (vectorised along E), then a sum over the S / chunk partial results."""
+  c = _chunk(p_BKGS.shape[-1], chunk)
+  acc = p_BKGS[..., 0::c, None] * v_BKSE[:, :, None, 0::c, :]
+  for j in range(1, c):
+    acc = acc + p_BKGS[..., j::c, None] * v_BKSE[:, :, None, j::c, :]
+  return jnp.sum(acc, axis=3)
+
+
+_CHUNKED_DECODE = contextvars.ContextVar("kimi_jax_chunked_decode", default=False)
+
+
+@contextlib.contextmanager
+def chunked_cpu_decode():
+  """While tracing under this context, `decode_step_cpu` uses the chunked
+  products. `decode_jit` enters it for the programs it compiles without
+  YNNPACK (see decode_step_cpu for why the form follows the matmul library)."""
+  token = _CHUNKED_DECODE.set(True)
+  try:
+    yield
+  finally:
+    _CHUNKED_DECODE.reset(token)
+
+
+def decode_step_cpu(q_BKGE: jax.Array, k_BKES: jax.Array, v_BKSE: jax.Array,
+                    mask_BS: jax.Array) -> jax.Array:
+  """`[B, K, G, E]` (v's dtype) attention of one new query per row over the cache.
+
+  The CPU form of `attend` for T = 1; which form depends on the XLA options
+  of the program being traced:
+  - Under `chunked_cpu_decode()` (programs compiled with Eigen matmuls, i.e.
+    `sampling.generate`): XLA CPU would run both einsums as B*K tiny matmuls
+    ([G, E] x [E, S] and [G, S] x [S, E]), the p.v on one thread; written as
+    chunked multiply-adds (`decode_scores`, `decode_values`) they become
+    loops that XLA vectorises and splits over the cores. The sum closing
+    q.k also keeps XLA from fusing the whole q.k into both consumers of the
+    scores (the max and the exp of the softmax), i.e. computing it twice.
+    bench/decode.py's model (B=32, 2 kv heads x 4 groups, E=64, 384 slots),
+    per layer and step, isolated: 1.84 ms for the form below, 1.11 ms
+    chunked; other chunk sizes were slower (q.k 2, 4: 1.60, 1.51 ms; p.v 4,
+    12, 16: 1.70, 3.42, 3.56 ms), and so was keeping keys [B, K, S, E] and
+    reducing over E (1.39-2.50 ms). Whole decode at B=32: 1214 -> 1437
+    tokens/s (alternating, 3 rounds).
+  - Otherwise (the rollout segment, compiled with XLA's default YNNPACK
+    fusions): q.k unrolled over E and fused with mask and softmax, p.v as
+    an einsum. The chunked form was 2x slower there (bench/rl_iteration's
+    rollout, 128 rows: 3.38 vs 1.62 s) and the plain einsums about equal.
+  """
+  E = q_BKGE.shape[-1]
+  chunked = _CHUNKED_DECODE.get()
+  scores = decode_scores(q_BKGE, k_BKES, chunk=QK_CHUNK if chunked else E)
+  scores = jnp.where(mask_BS[:, None, None, :], scores * (1.0 / math.sqrt(E)), _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
+  if chunked:
+    return decode_values(probs, v_BKSE).astype(v_BKSE.dtype)
+  return jnp.einsum("bkgs,bkse->bkge", probs, v_BKSE)
