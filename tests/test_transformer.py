@@ -109,11 +109,11 @@ def test_config_validation(field, value, msg):
     TINY.replace(**{field: value})
 
 
-@pytest.mark.parametrize("E,S", [(16, 40), (24, 37), (64, 384)])
+@pytest.mark.parametrize("E,S", [(16, 40), (24, 37), (16, 72), (64, 384)])
 def test_decode_step_products_equal_the_einsums(E, S):
   # The CPU decode path's chunked q.k and p.v (attention.decode_scores /
-  # decode_values) against the einsums, including sizes the preferred chunks
-  # do not divide (E=24: q.k chunk 12; S=37: p.v chunk 1).
+  # decode_values) against the einsums: q.k chunks 16 and 12 (E=24), p.v
+  # chunks 2 (S=72) and 8 (S=384), and the einsum fallback (S=40, S=37).
   from kimi_jax.models.attention import decode_scores, decode_values
   rng = np.random.default_rng(0)
   q = rng.standard_normal((3, 2, 4, E)).astype(np.float32)

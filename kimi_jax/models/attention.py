@@ -37,6 +37,9 @@ def _chunk(n: int, preferred: int) -> int:
 # Contraction chunk sizes of the two decode-step products (see decode_step_cpu).
 QK_CHUNK = 16
 PV_CHUNK = 8
+# Reductions longer than this become reduce-window + reduce in XLA CPU
+# (its TreeReductionRewriter's window size); see decode_values.
+_TREE_REDUCE_WINDOW = 32
 
 
 def decode_scores(q_BKGE: jax.Array, k_BKES: jax.Array, chunk: int = QK_CHUNK) -> jax.Array:
@@ -59,9 +62,22 @@ def decode_scores(q_BKGE: jax.Array, k_BKES: jax.Array, chunk: int = QK_CHUNK) -
 
 
 def decode_values(p_BKGS: jax.Array, v_BKSE: jax.Array, chunk: int = PV_CHUNK) -> jax.Array:
-  """`[B, K, G, E]` p.v of one query per row: `chunk`-term multiply-adds over
-  slots (vectorised along E), then a sum over the S / chunk partial results."""
-  c = _chunk(p_BKGS.shape[-1], chunk)
+  """`[B, K, G, E]` p.v of one query per row: up-to-`chunk`-term multiply-adds
+  over slots (vectorised along E), then a sum over the S / c partial results.
+
+  c is the largest divisor of S up to `chunk` that leaves more than
+  `_TREE_REDUCE_WINDOW` partials: XLA CPU rewrites longer reductions into
+  reduce-window + reduce, which stores the partials and sums them in a
+  separate loop (fast), while a shorter one is fused into the product loop
+  (2-5x slower here: at 256 slots with c = 8, i.e. 32 partials, the decode
+  attention took 2.35 ms instead of 1.0). Without such a c >= 2 (e.g. S <=
+  64, or S odd) the einsum is used.
+  """
+  S = p_BKGS.shape[-1]
+  chunks = [c for c in range(2, chunk + 1) if S % c == 0 and S // c > _TREE_REDUCE_WINDOW]
+  if not chunks:
+    return jnp.einsum("bkgs,bkse->bkge", p_BKGS, v_BKSE)
+  c = max(chunks)
   acc = p_BKGS[..., 0::c, None] * v_BKSE[:, :, None, 0::c, :]
   for j in range(1, c):
     acc = acc + p_BKGS[..., j::c, None] * v_BKSE[:, :, None, j::c, :]
