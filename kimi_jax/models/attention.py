@@ -20,18 +20,23 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 def attend(q_BKGTE: jax.Array, k_BKES: jax.Array, v_BKSE: jax.Array,
            mask_BTS: jax.Array) -> jax.Array:
   """`[B, K, G, T, E]` (v's dtype) attention output; scores and softmax in float32."""
-  E = q_BKGTE.shape[-1]
   scores = jnp.einsum("bkgte,bkes->bkgts", q_BKGTE, k_BKES.astype(q_BKGTE.dtype),
                       preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / math.sqrt(E))
-  scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
+  probs = _probs(scores, mask_BTS[:, None, None, :, :], q_BKGTE.shape[-1], v_BKSE.dtype)
   return jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
 
 
-def _chunk(n: int, preferred: int) -> int:
-  """The largest divisor of n that is <= preferred."""
-  return max(c for c in range(1, min(n, preferred) + 1) if n % c == 0)
+def _probs(scores: jax.Array, visible: jax.Array, head_dim: int, dtype) -> jax.Array:
+  """softmax over the last axis of the scaled float32 `scores` where `visible`
+  (broadcast), cast to `dtype`."""
+  scores = jnp.where(visible, scores * (1.0 / math.sqrt(head_dim)), _NEG)
+  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _chunk(n: int, upto: int, min_parts: int = 1) -> int:
+  """The largest divisor c <= upto of n with n // c >= min_parts (1 if none)."""
+  return max((c for c in range(2, min(n, upto) + 1) if n % c == 0 and n // c >= min_parts),
+             default=1)
 
 
 # Contraction chunk sizes of the two decode-step products (see decode_step_cpu).
@@ -73,11 +78,9 @@ def decode_values(p_BKGS: jax.Array, v_BKSE: jax.Array, chunk: int = PV_CHUNK) -
   attention took 2.35 ms instead of 1.0). Without such a c >= 2 (e.g. S <=
   64, or S odd) the einsum is used.
   """
-  S = p_BKGS.shape[-1]
-  chunks = [c for c in range(2, chunk + 1) if S % c == 0 and S // c > _TREE_REDUCE_WINDOW]
-  if not chunks:
+  c = _chunk(p_BKGS.shape[-1], chunk, min_parts=_TREE_REDUCE_WINDOW + 1)
+  if c == 1:
     return jnp.einsum("bkgs,bkse->bkge", p_BKGS, v_BKSE)
-  c = max(chunks)
   acc = p_BKGS[..., 0::c, None] * v_BKSE[:, :, None, 0::c, :]
   for j in range(1, c):
     acc = acc + p_BKGS[..., j::c, None] * v_BKSE[:, :, None, j::c, :]
@@ -126,8 +129,7 @@ def decode_step_cpu(q_BKGE: jax.Array, k_BKES: jax.Array, v_BKSE: jax.Array,
   E = q_BKGE.shape[-1]
   chunked = _CHUNKED_DECODE.get()
   scores = decode_scores(q_BKGE, k_BKES, chunk=QK_CHUNK if chunked else E)
-  scores = jnp.where(mask_BS[:, None, None, :], scores * (1.0 / math.sqrt(E)), _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
+  probs = _probs(scores, mask_BS[:, None, None, :], E, v_BKSE.dtype)
   if chunked:
-    return decode_values(probs, v_BKSE).astype(v_BKSE.dtype)
+    return decode_values(probs, v_BKSE)
   return jnp.einsum("bkgs,bkse->bkge", probs, v_BKSE)
