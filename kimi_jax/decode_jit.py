@@ -9,8 +9,10 @@ bench/decode.py took 12.1 ms with Eigen vs 16.8 ms with YNNPACK at B=32 (9.3 vs
 12.9 ms at B=16), and a full step at a 384-slot cache 36 vs 42 ms. So
 `sampling.sampler.decode` (`generate`) compiles with YNNPACK switched off for
 its program only; nothing else in the process changes. The programs it compiles
-are traced under `attention.chunked_cpu_decode()`, the attention form measured
-fastest with Eigen (see `attention.decode_step_cpu`). Not the rollout sampler
+are traced under `attention.cpu_decode_program()`, which selects the forms
+measured fastest with Eigen: the chunked attention products
+(`attention.decode_step_cpu`) and the feature-major decode step
+(`models.feature_major`). Not the rollout sampler
 (`sampling.segment`): with 128 slots of the 3.16M model its rollouts measured
 faster with YNNPACK (2.5-2.7 s vs 3.6-3.8 s in bench/rl_iteration.py). On TPU
 and GPU no option is passed.
@@ -48,7 +50,7 @@ class DecodeJit:
 
     @functools.wraps(fun)  # keeps the signature that static_argnames refer to
     def traced(*args, **kwargs):
-      with attention.chunked_cpu_decode():
+      with attention.cpu_decode_program():
         return fun(*args, **kwargs)
     self._traced = traced
 

@@ -128,6 +128,10 @@ def test_decode_step_products_equal_the_einsums(E, S):
   want = np.einsum("bkgs,bkse->bkge", p.astype(np.float64), v.astype(np.float64))
   assert got.shape == (3, 2, 4, E)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  # The feature-major decode step's form: batch last, same values.
+  got = decode_values(jnp.asarray(p), jnp.asarray(v), batch_last=True)
+  assert got.shape == (2, 4, E, 3)
+  np.testing.assert_allclose(np.asarray(got), want.transpose(1, 2, 3, 0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -137,7 +141,7 @@ def test_cpu_decode_step_equals_attend(chunked):
   # including a row whose only visible slot is its own.
   import contextlib
 
-  from kimi_jax.models.attention import attend, chunked_cpu_decode, decode_step_cpu
+  from kimi_jax.models.attention import attend, cpu_decode_program, decode_step_cpu
   rng = np.random.default_rng(1)
   B, K, G, E, S = 3, 2, 4, 16, 24
   q = jnp.asarray(rng.standard_normal((B, K, G, E)), jnp.float32)
@@ -145,7 +149,7 @@ def test_cpu_decode_step_equals_attend(chunked):
   v = jnp.asarray(rng.standard_normal((B, K, S, E)), jnp.float32)
   start = np.array([0, 5, S - 1])
   mask = jnp.asarray(np.arange(S)[None, :] >= start[:, None])
-  with chunked_cpu_decode() if chunked else contextlib.nullcontext():
+  with cpu_decode_program() if chunked else contextlib.nullcontext():
     got = decode_step_cpu(q, k, v, mask)
   want = attend(q[:, :, :, None, :], k, v, mask[:, None, :])[:, :, :, 0, :]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

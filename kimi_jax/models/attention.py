@@ -66,9 +66,14 @@ def decode_scores(q_BKGE: jax.Array, k_BKES: jax.Array, chunk: int = QK_CHUNK) -
   return jnp.sum(acc, axis=3)
 
 
-def decode_values(p_BKGS: jax.Array, v_BKSE: jax.Array, chunk: int = PV_CHUNK) -> jax.Array:
+def decode_values(p_BKGS: jax.Array, v_BKSE: jax.Array, chunk: int = PV_CHUNK,
+                  batch_last: bool = False) -> jax.Array:
   """`[B, K, G, E]` p.v of one query per row: up-to-`chunk`-term multiply-adds
   over slots (vectorised along E), then a sum over the S / c partial results.
+
+  batch_last: return `[K, G, E, B]`, made by the closing sum itself (a
+  separate transpose of the result would be folded by XLA into the matmul
+  that consumes it, in Eigen's slow operand order; see feature_major.py).
 
   c is the largest divisor of S up to `chunk` that leaves more than
   `_TREE_REDUCE_WINDOW` partials: XLA CPU rewrites longer reductions into
@@ -80,35 +85,46 @@ def decode_values(p_BKGS: jax.Array, v_BKSE: jax.Array, chunk: int = PV_CHUNK) -
   """
   c = _chunk(p_BKGS.shape[-1], chunk, min_parts=_TREE_REDUCE_WINDOW + 1)
   if c == 1:
-    return jnp.einsum("bkgs,bkse->bkge", p_BKGS, v_BKSE)
+    return jnp.einsum("bkgs,bkse->" + ("kgeb" if batch_last else "bkge"), p_BKGS, v_BKSE)
   acc = p_BKGS[..., 0::c, None] * v_BKSE[:, :, None, 0::c, :]
   for j in range(1, c):
     acc = acc + p_BKGS[..., j::c, None] * v_BKSE[:, :, None, j::c, :]
+  if batch_last:  # [B, K, G, S/c, E] -> sum over S/c into [K, G, E, B]
+    return jnp.sum(acc.transpose(1, 2, 4, 3, 0), axis=3)
   return jnp.sum(acc, axis=3)
 
 
-_CHUNKED_DECODE = contextvars.ContextVar("kimi_jax_chunked_decode", default=False)
+_CPU_DECODE_PROGRAM = contextvars.ContextVar("kimi_jax_cpu_decode_program", default=False)
 
 
 @contextlib.contextmanager
-def chunked_cpu_decode():
-  """While tracing under this context, `decode_step_cpu` uses the chunked
-  products. `decode_jit` enters it for the programs it compiles without
-  YNNPACK (see decode_step_cpu for why the form follows the matmul library)."""
-  token = _CHUNKED_DECODE.set(True)
+def cpu_decode_program():
+  """Marks the tracing of a CPU decode program compiled with Eigen matmuls.
+
+  `decode_jit` enters it for the programs it compiles without YNNPACK
+  (`sampling.generate`); under it `decode_step_cpu` uses the chunked
+  products and the sampler the feature-major decode step
+  (`models.feature_major`), the forms measured fastest with Eigen."""
+  token = _CPU_DECODE_PROGRAM.set(True)
   try:
     yield
   finally:
-    _CHUNKED_DECODE.reset(token)
+    _CPU_DECODE_PROGRAM.reset(token)
+
+
+def in_cpu_decode_program() -> bool:
+  """True while tracing under `cpu_decode_program()`."""
+  return _CPU_DECODE_PROGRAM.get()
 
 
 def decode_step_cpu(q_BKGE: jax.Array, k_BKES: jax.Array, v_BKSE: jax.Array,
-                    mask_BS: jax.Array) -> jax.Array:
-  """`[B, K, G, E]` (v's dtype) attention of one new query per row over the cache.
+                    mask_BS: jax.Array, batch_last: bool = False) -> jax.Array:
+  """`[B, K, G, E]` (v's dtype) attention of one new query per row over the cache
+  (`[K, G, E, B]` with `batch_last`, see `decode_values`).
 
   The CPU form of `attend` for T = 1; which form depends on the XLA options
   of the program being traced:
-  - Under `chunked_cpu_decode()` (programs compiled with Eigen matmuls, i.e.
+  - Under `cpu_decode_program()` (programs compiled with Eigen matmuls, i.e.
     `sampling.generate`): XLA CPU would run both einsums as B*K tiny matmuls
     ([G, E] x [E, S] and [G, S] x [S, E]), the p.v on one thread; written as
     chunked multiply-adds (`decode_scores`, `decode_values`) they become
@@ -127,9 +143,9 @@ def decode_step_cpu(q_BKGE: jax.Array, k_BKES: jax.Array, v_BKSE: jax.Array,
     rollout, 128 rows: 3.38 vs 1.62 s) and the plain einsums about equal.
   """
   E = q_BKGE.shape[-1]
-  chunked = _CHUNKED_DECODE.get()
+  chunked = in_cpu_decode_program()
   scores = decode_scores(q_BKGE, k_BKES, chunk=QK_CHUNK if chunked else E)
   probs = _probs(scores, mask_BS[:, None, None, :], E, v_BKSE.dtype)
   if chunked:
-    return decode_values(probs, v_BKSE)
-  return jnp.einsum("bkgs,bkse->bkge", probs, v_BKSE)
+    return decode_values(probs, v_BKSE, batch_last=batch_last)
+  return jnp.einsum("bkgs,bkse->" + ("kgeb" if batch_last else "bkge"), probs, v_BKSE)

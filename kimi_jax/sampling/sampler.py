@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax import decode_jit, distributed
+from kimi_jax.models import attention, feature_major
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 
@@ -60,38 +61,57 @@ class SamplingConfig:
     return self.temperature == 0.0
 
 
-def sample_token(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig):
+def sample_token(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig, *,
+                 vocab_first: bool = False):
   """Draw one token per row.
 
   Returns `(token_B int32, logp_B float32)`, where `logp_B` is the token's
   log-probability under softmax(logits / temperature) before top-k/top-p
   truncation (under softmax(logits) when greedy), i.e. the policy's
   probability at that temperature.
+
+  vocab_first: the logits are `[V, B]` (the feature-major decode step of
+  `models.feature_major`), and every reduction runs along axis 0; the draw
+  is the same as for the transposed `[B, V]` logits with the same key. Not
+  done by transposing the logits: XLA moves such a transpose into the
+  head's matmul, which then runs in Eigen's slow operand order.
   """
-  logits_BV = logits_BV.astype(jnp.float32)
+  axis = 0 if vocab_first else 1
+  logits = logits_BV.astype(jnp.float32)
+
+  def at(x, index_B):
+    return jnp.take_along_axis(x, jnp.expand_dims(index_B, axis), axis=axis).squeeze(axis)
+
   if cfg.greedy:
-    token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    token_B = jnp.argmax(logits, axis=axis).astype(jnp.int32)
+    return token_B, at(jax.nn.log_softmax(logits, axis=axis), token_B)
+  scaled = logits / cfg.temperature
+  logp = jax.nn.log_softmax(scaled, axis=axis)
+  masked = scaled
+  neg = jnp.finfo(jnp.float32).min
+  if cfg.top_k:
+    if vocab_first:
+      kth = jax.lax.slice_in_dim(jnp.sort(scaled, axis=0), scaled.shape[0] - cfg.top_k,
+                                 scaled.shape[0] - cfg.top_k + 1, axis=0)
+    else:
+      kth = jax.lax.top_k(scaled, cfg.top_k)[0][:, -1:]
+    masked = jnp.where(scaled < kth, neg, masked)
+  if cfg.top_p < 1.0:
+    descending = jnp.flip(jnp.sort(masked, axis=axis), axis=axis)
+    probs = jax.nn.softmax(descending, axis=axis)
+    # Keep a token while the mass strictly before it is below top_p, so the
+    # most likely token always survives.
+    mass_before = jnp.cumsum(probs, axis=axis) - probs
+    keep_count_B = jnp.sum(mass_before < cfg.top_p, axis=axis)
+    threshold = jnp.expand_dims(at(descending, keep_count_B - 1), axis)
+    masked = jnp.where(masked < threshold, neg, masked)
+  if vocab_first:
+    # jax.random.categorical's Gumbel-max draw, with the noise of the [B, V] call.
+    noise = jax.random.gumbel(rng, masked.shape[::-1], masked.dtype).T
+    token_B = jnp.argmax(masked + noise, axis=0).astype(jnp.int32)
   else:
-    scaled_BV = logits_BV / cfg.temperature
-    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
-    masked_BV = scaled_BV
-    neg = jnp.finfo(jnp.float32).min
-    if cfg.top_k:
-      kth_B1 = jax.lax.top_k(scaled_BV, cfg.top_k)[0][:, -1:]
-      masked_BV = jnp.where(scaled_BV < kth_B1, neg, masked_BV)
-    if cfg.top_p < 1.0:
-      sorted_BV = jnp.sort(masked_BV, axis=-1)[:, ::-1]
-      probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-      # Keep a token while the mass strictly before it is below top_p, so the
-      # most likely token always survives.
-      mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-      keep_count_B = jnp.sum(mass_before_BV < cfg.top_p, axis=-1)
-      threshold_B1 = jnp.take_along_axis(sorted_BV, keep_count_B[:, None] - 1, axis=-1)
-      masked_BV = jnp.where(masked_BV < threshold_B1, neg, masked_BV)
-    token_B = jax.random.categorical(rng, masked_BV, axis=-1).astype(jnp.int32)
-  logp_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
-  return token_B, logp_B
+    token_B = jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
+  return token_B, at(logp, token_B)
 
 
 def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache):
@@ -138,9 +158,16 @@ def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax
 
 def _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampling, new_slots,
             cache_shardings):
-  """`decode`'s body; `cache_shardings` (a KVCache of shardings) pins the cache."""
+  """`decode`'s body; `cache_shardings` (a KVCache of shardings) pins the cache.
+
+  In a CPU decode program (see decode_jit) without a layout, the loop runs
+  `feature_major.decode_step` on weights transposed once here, before the
+  loop (a second copy of the weights for the duration of the call)."""
   B, P = tokens_BP.shape
   model = Transformer(cfg)
+  fm = None
+  if cache_shardings is None and attention.in_cpu_decode_program():
+    fm = feature_major.to_feature_major(cfg, params)
   cache = init_cache(cfg, B, P + new_slots, start=start_B)
   if cache_shardings is not None:
     cache = jax.lax.with_sharding_constraint(cache, cache_shardings)
@@ -158,9 +185,13 @@ def _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampli
 
   def body(carry):
     i, cache, token_B, out_BN, logp_BN, done_B, num_new_B, rng = carry
-    logits_B1V, cache = model.apply({"params": params}, token_B[:, None], cache=cache)
     rng, sub = jax.random.split(rng)
-    token_B, logp_B = sample_token(logits_B1V[:, 0, :], sub, sampling)
+    if fm is None:
+      logits_B1V, cache = model.apply({"params": params}, token_B[:, None], cache=cache)
+      token_B, logp_B = sample_token(logits_B1V[:, 0, :], sub, sampling)
+    else:
+      logits_VB, cache = feature_major.decode_step(cfg, fm, token_B, cache)
+      token_B, logp_B = sample_token(logits_VB, sub, sampling, vocab_first=True)
     token_B = jnp.where(done_B, 0, token_B)
     logp_B = jnp.where(done_B, 0.0, logp_B)
     out_BN = jax.lax.dynamic_update_slice(out_BN, token_B[:, None], (0, i))
