@@ -90,7 +90,7 @@ def sample_token(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig, *,
   masked = scaled
   neg = jnp.finfo(jnp.float32).min
   if cfg.top_k:
-    if vocab_first:
+    if vocab_first:  # lax.top_k works along the last axis only
       kth = jax.lax.slice_in_dim(jnp.sort(scaled, axis=0), scaled.shape[0] - cfg.top_k,
                                  scaled.shape[0] - cfg.top_k + 1, axis=0)
     else:
