@@ -39,7 +39,8 @@ import jax.numpy as jnp
 
 from kimi_jax.models import attention
 from kimi_jax.models.kv_cache import KVCache
-from kimi_jax.models.transformer import ModelConfig, rope_inv_freq, rope_tables
+from kimi_jax.models.transformer import (ModelConfig, rms_normalize, rope_inv_freq, rope_tables,
+                                         rotate_half)
 
 
 def to_feature_major(cfg: ModelConfig, params: dict) -> dict:
@@ -66,7 +67,8 @@ def to_feature_major(cfg: ModelConfig, params: dict) -> dict:
     layer = {"attn_norm": col(p["attn_norm"]["scale"]), "mlp_norm": col(p["mlp_norm"]["scale"]),
              "q": mat(a["q"], D), "k": mat(a["k"], D), "v": mat(a["v"], D),
              "o": mat(a["o"], cfg.num_heads * cfg.head_size),
-             "gate": mat(m["gate"], D), "up": mat(m["up"], D), "down": mat(m["down"], cfg.intermediate_size)}
+             "gate": mat(m["gate"], D), "up": mat(m["up"], D),
+             "down": mat(m["down"], cfg.intermediate_size)}
     if cfg.qkv_bias:
       layer.update(q_bias=col(a["q_bias"]), k_bias=col(a["k_bias"]), v_bias=col(a["v_bias"]))
     layers.append(layer)
@@ -76,24 +78,8 @@ def to_feature_major(cfg: ModelConfig, params: dict) -> dict:
           "layers": tuple(layers)}
 
 
-def _rms_norm(x_DB, scale_D1, eps):
-  """`transformer.RMSNorm` over axis 0 (same fp32 statistics, same cast order)."""
-  x32 = x_DB.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + eps)
-  return scale_D1 * normed.astype(x_DB.dtype)
-
-
-def _rope(x_NEB, cos_fB, sin_fB):
-  """`transformer.apply_rope` ("rotate half") for `[N, E, B]` heads."""
-  x = x_NEB.astype(jnp.float32)
-  cos_fB, sin_fB = cos_fB[None], sin_fB[None]
-  half = x.shape[1] // 2
-  x1, x2 = x[:, :half], x[:, half:]
-  out = jnp.concatenate([x1 * cos_fB - x2 * sin_fB, x2 * cos_fB + x1 * sin_fB], axis=1)
-  return out.astype(x_NEB.dtype)
-
-
 def _proj(w, x_DB, layer, name, heads, E):
+  """`[heads, E, B]`: the projection `w @ x` plus the layer's `name` bias if any."""
   y = w @ x_DB
   if name + "_bias" in layer:
     y = y + layer[name + "_bias"]
@@ -114,13 +100,13 @@ def decode_step(cfg: ModelConfig, fm: dict, token_B: jax.Array, cache: KVCache):
   B = token_B.shape[0]
   mask_BS = cache.key_mask(1)[:, 0, :]
   cos, sin = rope_tables(cache.positions(1), rope_inv_freq(cfg))  # [B, 1, E/2]
-  cos_fB, sin_fB = cos[:, 0, :].T, sin[:, 0, :].T
+  cos_1fB, sin_1fB = cos[:, 0, :].T[None], sin[:, 0, :].T[None]
   x_DB = jnp.take(fm["embed"], token_B, axis=0).T
   new_k, new_v = [], []
   for i, layer in enumerate(fm["layers"]):
-    h_DB = _rms_norm(x_DB, layer["attn_norm"], cfg.rms_norm_eps)
-    q_HEB = _rope(_proj(layer["q"], h_DB, layer, "q", H, E), cos_fB, sin_fB)
-    k_KEB = _rope(_proj(layer["k"], h_DB, layer, "k", K, E), cos_fB, sin_fB)
+    h_DB = rms_normalize(x_DB, layer["attn_norm"], cfg.rms_norm_eps, axis=0)
+    q_HEB = rotate_half(_proj(layer["q"], h_DB, layer, "q", H, E), cos_1fB, sin_1fB, axis=1)
+    k_KEB = rotate_half(_proj(layer["k"], h_DB, layer, "k", K, E), cos_1fB, sin_1fB, axis=1)
     v_KEB = _proj(layer["v"], h_DB, layer, "v", K, E)
     ck, cv = cache.k[i], cache.v[i]
     k_BKES = jax.lax.dynamic_update_slice(
@@ -133,9 +119,9 @@ def decode_step(cfg: ModelConfig, fm: dict, token_B: jax.Array, cache: KVCache):
     out_KGEB = attention.decode_step_cpu(q_BKGE, k_BKES, v_BKSE, mask_BS, batch_last=True)
     out_HEB = out_KGEB.reshape(H * E, B).astype(x_DB.dtype)
     x_DB = x_DB + layer["o"] @ out_HEB
-    h_DB = _rms_norm(x_DB, layer["mlp_norm"], cfg.rms_norm_eps)
+    h_DB = rms_normalize(x_DB, layer["mlp_norm"], cfg.rms_norm_eps, axis=0)
     g_FB = layer["gate"] @ h_DB
     x_DB = x_DB + layer["down"] @ (jax.nn.silu(g_FB) * (layer["up"] @ h_DB))
-  x_DB = _rms_norm(x_DB, fm["final_norm"], cfg.rms_norm_eps)
+  x_DB = rms_normalize(x_DB, fm["final_norm"], cfg.rms_norm_eps, axis=0)
   logits_VB = (fm["head"] @ x_DB).astype(jnp.float32)
   return logits_VB, cache.replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + 1)

@@ -152,14 +152,27 @@ def rope_tables(positions_BT: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array
   return both[..., :f], both[..., f:]
 
 
+def rotate_half(x: jax.Array, cos: jax.Array, sin: jax.Array, axis: int = -1) -> jax.Array:
+  """RoPE in the HF "rotate half" convention (not interleaved) along the head
+  dim `axis` of `x`; float32 `cos`/`sin` broadcast against either half.
+  Computed in float32, returned in x's dtype."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=axis)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=axis)
+  return out.astype(x.dtype)
+
+
 def apply_rope(x_BTNE: jax.Array, cos_BTf: jax.Array, sin_BTf: jax.Array) -> jax.Array:
-  """Rotary embedding in the HF "rotate half" convention (not interleaved)."""
-  cos = cos_BTf[:, :, None, :]
-  sin = sin_BTf[:, :, None, :]
-  x = x_BTNE.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNE.dtype)
+  """`rotate_half` of `[B, T, N, E]` heads with the `[B, T, E/2]` tables."""
+  return rotate_half(x_BTNE, cos_BTf[:, :, None, :], sin_BTf[:, :, None, :])
+
+
+def rms_normalize(x: jax.Array, scale: jax.Array, eps: float, axis: int = -1) -> jax.Array:
+  """RMSNorm along `axis`, in HF's order for parity: statistics in float32,
+  then `scale` (broadcast against x, cast to x's dtype) times the normalised
+  x cast back to x's dtype."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+  return jnp.asarray(scale, x.dtype) * normed.astype(x.dtype)
 
 
 # Logical activation axes (rules in kimi_jax/parallel.py).
@@ -182,12 +195,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), self.param_dtype)
-    # HF computes the statistics in fp32 and multiplies by the weight after
-    # casting back to the input dtype; same order here for parity.
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = jnp.asarray(scale, x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-    return scale * normed.astype(x.dtype)
+    return rms_normalize(x, scale.reshape((1,) * (x.ndim - 1) + (-1,)), self.eps)
 
 
 class Attention(nn.Module):
