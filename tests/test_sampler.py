@@ -42,6 +42,27 @@ def test_greedy_matches_full_forward_for_mixed_lengths(params):
     assert o == greedy_reference(params, p, 10)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decode_phases_do_not_change_the_tokens(params, temperature):
+  # The cache grows in phases (default 4); 1 phase decodes over the whole
+  # cache, 3 phases over sizes that are no power of two. Same draws, eos too.
+  prompts = [[5, 7, 9], [1], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+  kw = dict(max_new_tokens=13, temperature=temperature, seed=2, return_logprobs=True)
+  want, want_logp = generate(CFG, params, prompts, decode_phases=1, **kw)
+  eos = want[1][6]
+  for phases in (3, 4):
+    got, got_logp = generate(CFG, params, prompts, decode_phases=phases, **kw)
+    assert got == want
+    for g, w in zip(got_logp, want_logp):
+      np.testing.assert_allclose(g, w, atol=1e-5)
+    assert (generate(CFG, params, prompts, 13, temperature=temperature, seed=2, eos_id=eos,
+                     decode_phases=phases)
+            == generate(CFG, params, prompts, 13, temperature=temperature, seed=2, eos_id=eos,
+                        decode_phases=1))
+  with pytest.raises(ValueError, match="decode_phases must be >= 1"):
+    generate(CFG, params, prompts, 4, decode_phases=0)
+
+
 def test_logprobs_are_those_of_the_model(params):
   prompt = [2, 3, 4]
   out, logps = generate(CFG, params, [prompt], 5, return_logprobs=True)

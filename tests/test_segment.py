@@ -9,7 +9,8 @@ from kimi_jax.models.transformer import ModelConfig, init_params
 from kimi_jax.sampling.finish import FinishReason
 from kimi_jax.sampling.repetition import RepeatConfig
 from kimi_jax.sampling.sampler import SamplingConfig, generate
-from kimi_jax.sampling.segment import SegmentSampler, chunk_widths, phase_slots
+from kimi_jax.sampling.phases import phase_slots
+from kimi_jax.sampling.segment import SegmentSampler, chunk_widths
 from kimi_jax.sampling.state import RolloutState
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2,

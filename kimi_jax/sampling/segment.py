@@ -44,6 +44,7 @@ from kimi_jax.models.kv_cache import K_SLOT_AXIS, V_SLOT_AXIS
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import repetition
 from kimi_jax.sampling.finish import FinishReason
+from kimi_jax.sampling.phases import phase_slots, phased_while_loop
 from kimi_jax.sampling.sampler import NO_EOS, SamplingConfig, bucket, prefill, sample_token
 from kimi_jax.sampling.state import RolloutState
 
@@ -81,20 +82,6 @@ def chunk_widths(width: int, min_width: int) -> tuple[int, ...]:
     if w < max(min_width, 1) or w == out[-1]:
       return tuple(out)
     out.append(w)
-
-
-def phase_slots(width: int, new_slots: int, phases: int) -> tuple[int, ...]:
-  """Cache sizes of the decode phases: `W + ceil(N * j / phases)` for j = 1..phases.
-
-  Phase j decodes while the next token's slot is below its size, so early
-  tokens attend over a short cache and only the last phase over all W + N
-  slots: with W << N about (phases - 1) / (2 * phases) of the attention
-  reads are saved. Each phase costs one copy of the cache when it grows and
-  one more copy of the decode body in the compiled program.
-  """
-  if phases < 1:
-    raise ValueError(f"decode_phases must be >= 1, got {phases}")
-  return tuple(sorted({width + -(-new_slots * j // phases) for j in range(1, phases + 1)}))
 
 
 def _pin(cache, layout: Optional["Layout"]):
@@ -311,14 +298,7 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
     return i + 1, cache, token_B, inner, rng
 
   loop = (jnp.ones((), jnp.int32), cache, token_B, carry, rng)
-  for j, slots in enumerate(bounds):
-    if j:
-      i, cache, *rest = loop
-      loop = (i, _pin(cache.resize(slots), layout), *rest)
-    # Stop the phase once the next token's slot falls outside its cache.
-    phase_cond = cond if slots == bounds[-1] else (
-        lambda c, slots=slots: cond(c) & (c[1].index < slots))
-    loop = jax.lax.while_loop(phase_cond, body, loop)
+  loop = phased_while_loop(cond, body, loop, bounds, lambda c: _pin(c, layout))
   steps, _, _, inner, _ = loop
   _, reason_B, count_B, out_BN, logp_BN, _ = inner
 
