@@ -19,6 +19,7 @@ sampling `parallel.Layout` split rows over the data axes and heads over
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import jax
@@ -119,6 +120,15 @@ def sample_token(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig, *,
   return token_B, at(logp, token_B)
 
 
+def pin_cache(cache: KVCache, layout: Optional["Layout"]) -> KVCache:
+  """The KV cache in the layout's shardings (rows over data, kv heads over
+  tensor); unchanged without a layout."""
+  if layout is None:
+    return cache
+  return jax.lax.with_sharding_constraint(cache, layout.kv_cache(cache.start.shape[0],
+                                                                 cache.length))
+
+
 def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache):
   """Encode left-padded prompts into `cache`; returns (last logits `[B, V]`, cache)."""
   logits_B1V, cache = model.apply({"params": params}, tokens_BP, cache=cache, last_only=True)
@@ -178,12 +188,7 @@ def _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampli
   fm = None
   if layout is None and attention.in_cpu_decode_program():
     fm = feature_major.to_feature_major(cfg, params)
-
-  def place(cache):
-    if layout is None:
-      return cache
-    return jax.lax.with_sharding_constraint(cache, layout.kv_cache(B, cache.length))
-
+  place = functools.partial(pin_cache, layout=layout)
   cache = place(init_cache(cfg, B, bounds[0], start=start_B))
   logits_BV, cache = prefill(model, params, tokens_BP, cache)
   rng, sub = jax.random.split(rng)

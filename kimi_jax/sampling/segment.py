@@ -45,7 +45,8 @@ from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import repetition
 from kimi_jax.sampling.finish import FinishReason
 from kimi_jax.sampling.phases import phase_slots, phased_while_loop
-from kimi_jax.sampling.sampler import NO_EOS, SamplingConfig, bucket, prefill, sample_token
+from kimi_jax.sampling.sampler import (NO_EOS, SamplingConfig, bucket, pin_cache, prefill,
+                                       sample_token)
 from kimi_jax.sampling.state import RolloutState
 
 if TYPE_CHECKING:
@@ -84,19 +85,11 @@ def chunk_widths(width: int, min_width: int) -> tuple[int, ...]:
     out.append(w)
 
 
-def _pin(cache, layout: Optional["Layout"]):
-  """The KV cache in the layout's shardings (rows over data, kv heads over tensor)."""
-  if layout is None:
-    return cache
-  return jax.lax.with_sharding_constraint(cache, layout.kv_cache(cache.start.shape[0],
-                                                                 cache.length))
-
-
 def _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra, layout=None):
   """One prefill of every row at width W (the simple layout)."""
   B = tokens_BL.shape[0]
   tokens_BW, start_B = _left_pack(tokens_BL, length_B, width)
-  cache = _pin(init_cache(cfg, B, width + extra, start=start_B), layout)
+  cache = pin_cache(init_cache(cfg, B, width + extra, start=start_B), layout)
   return prefill(model, params, tokens_BW, cache)
 
 
@@ -165,7 +158,7 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
     return logits_BV, k, v
 
   start_B = width - jnp.clip(length_B, 1, width)  # as `_left_pack` would place the rows
-  cache = _pin(init_cache(cfg, B, width + extra, start=start_B), layout)
+  cache = pin_cache(init_cache(cfg, B, width + extra, start=start_B), layout)
   logits_BV = jnp.zeros((B, cfg.vocab_size), jnp.float32)
   logits_BV, k, v = jax.lax.fori_loop(0, n_groups, body, (logits_BV, cache.k, cache.v))
   return logits_BV, cache.replace(k=k, v=v, index=jnp.asarray(width, jnp.int32))
@@ -298,7 +291,7 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
     return i + 1, cache, token_B, inner, rng
 
   loop = (jnp.ones((), jnp.int32), cache, token_B, carry, rng)
-  loop = phased_while_loop(cond, body, loop, bounds, lambda c: _pin(c, layout))
+  loop = phased_while_loop(cond, body, loop, bounds, functools.partial(pin_cache, layout=layout))
   steps, _, _, inner, _ = loop
   _, reason_B, count_B, out_BN, logp_BN, _ = inner
 
