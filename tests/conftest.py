@@ -2,8 +2,11 @@
 import os
 
 # Multi-device code is tested on one CPU with 8 fake devices; this must be
-# set before jax initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# set before jax initialises its backends. Appended, so that XLA flags given
+# by the caller (e.g. a thread-count variant of the suite) keep the 8 devices.
+_xla_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _xla_flags:
+  os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

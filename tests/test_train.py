@@ -4,13 +4,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import arith_tiny
+from kimi_jax import faults
 from kimi_jax.rl import settings, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,10 +90,13 @@ def test_byte_codec_round_trip_and_eos():
   assert trainer.decode([263, 260] + ids) == "Q:12+7="  # ids past the bytes are ignored
 
 
-def _launch(workdir, *extra):
+def _launch(workdir, *extra, fault=None):
   cmd = [sys.executable, "-m", "launch.train", "--config=configs/arith_tiny.py:smoke",
          f"--workdir={workdir}", *extra]
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.pop(faults.ENV, None)
+  if fault:
+    env[faults.ENV] = fault
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
@@ -130,20 +133,13 @@ def test_smoke_run_and_exact_resume_after_sigkill(tmp_path):
   assert (ref_dir / "plots" / "accuracy.png").exists()
   assert [r.get("time/compiles") for r in ref_rows[2:]] == [0, 0, 0]  # no recompiles
 
-  # Kill the second run in the middle of iteration 3 (after checkpoint 2).
-  proc = _launch(killed_dir)
-  deadline = time.time() + 1200
-  while time.time() < deadline:
-    # Step directories appear under their final name only once fully written.
-    if (killed_dir / "checkpoints" / "2").is_dir():
-      break
-    assert proc.poll() is None, proc.stdout.read()[-3000:]
-    time.sleep(0.2)
-  time.sleep(1.0)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  written = _rows(killed_dir)
-  assert 3 <= len(written) <= 4, "the kill should land inside iteration 3"
+  # The second run kills itself (SIGKILL) at the start of iteration 3, once
+  # checkpoint 2 is committed: a deterministic point, not a clock.
+  proc = _launch(killed_dir, fault="iteration@3")
+  out, _ = proc.communicate(timeout=1200)
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  assert [r["iteration"] for r in _rows(killed_dir)] == [0, 1, 2]
+  assert (killed_dir / "checkpoints" / "2").is_dir()
 
   resumed = _launch(killed_dir)
   out, _ = resumed.communicate(timeout=1200)

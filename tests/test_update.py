@@ -51,23 +51,36 @@ def test_token_logprobs_alignment(params):
   np.testing.assert_allclose(logp[0, 1:], ref, atol=1e-6)
 
 
+def _gradient(params, batch, loss_cfg, micro):
+  """The accumulated gradient of one train step, read off a plain SGD step at
+  lr 1 (p - (p - g) = g up to one rounding of p), and the step's metrics."""
+  opt = optax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=10)
+  step = make_train_step(CFG, loss_cfg, UpdateConfig(microbatch_size=micro), opt)
+  state, metrics = step(fresh_state(jax.tree.map(jnp.copy, params), opt), batch)
+  grads = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                       params, state.params)
+  return grads, metrics
+
+
 @pytest.mark.parametrize("algorithm", ["k15", "rest", "ppo"])
 def test_microbatch_accumulation_equals_full_batch(params, algorithm):
+  """4 microbatches of 2 vs one of 8 give the same gradient.
+
+  Tolerance: the two differ only in the order of float32 sums. A reordered
+  sum of n terms moves by at most ~n * eps (eps = 1.2e-7) relative to its
+  terms; the longest reductions here run over the N * T = 96 token rows and
+  the 64-wide MLP, so 1e-3 of each leaf's norm bounds the rounding with a wide
+  margin (seen: <= 2e-5 with 1 or 2 XLA threads), while any error in the
+  microbatch weighting moves the gradient by >= 1/8 of its norm.
+  """
   batch = make_batch(params)
   loss_cfg = losses.LossConfig(algorithm=algorithm, tau=0.5)
-  outs = []
-  for micro in (2, 8):
-    ucfg = UpdateConfig(learning_rate=1e-2, microbatch_size=micro, clip_norm=1e6)
-    opt = make_optimizer(ucfg)
-    step = make_train_step(CFG, loss_cfg, ucfg, opt)
-    state, metrics = step(fresh_state(jax.tree.map(jnp.copy, params), opt), batch)
-    outs.append((state.params, metrics))
-  np.testing.assert_allclose(outs[0][1]["train/loss"], outs[1][1]["train/loss"], rtol=1e-5)
-  np.testing.assert_allclose(outs[0][1]["train/grad_norm"], outs[1][1]["train/grad_norm"], rtol=1e-4)
-  # One AdamW step at lr 1e-2: g / (|g| + eps) magnifies float rounding of
-  # near-zero gradient entries, so parameters agree to ~1e-5 of the lr scale.
-  for a, b in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])):
-    np.testing.assert_allclose(a, b, atol=5e-5)
+  (g2, m2), (g8, m8) = (_gradient(params, batch, loss_cfg, micro) for micro in (2, 8))
+  np.testing.assert_allclose(m2["train/loss"], m8["train/loss"], rtol=1e-4)
+  np.testing.assert_allclose(m2["train/grad_norm"], m8["train/grad_norm"], rtol=1e-4)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g2), jax.tree.leaves(g8)):
+    assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b), jax.tree_util.keystr(path)
+  assert sum(float(np.linalg.norm(b)) for b in jax.tree.leaves(g8)) > 0
 
 
 def test_k15_step_gradient_is_reinforce_at_the_reference(params):

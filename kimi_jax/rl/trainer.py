@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from kimi_jax import distributed, parallel
+from kimi_jax import distributed, faults, parallel
 from kimi_jax.checkpointing import Checkpointer
 from kimi_jax.compile_count import total_compiles
 from kimi_jax.data import prompts as prompts_lib
@@ -347,6 +347,7 @@ def run(config, workdir: str) -> list[dict]:
   bar = tqdm(range(start, s.total_iterations + 1), desc="RL", unit="it", initial=start - 1,
              total=s.total_iterations, dynamic_ncols=True, disable=not primary)
   for it in bar:
+    faults.reached("iteration", it, settle=ckpt.wait_until_finished)
     compiles = total_compiles()
     params, new_opt_state, step, skipped, row = tr.iteration(it, params, sampler, scheduler,
                                                              step, skipped)
