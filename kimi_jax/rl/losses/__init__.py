@@ -1,0 +1,45 @@
+"""Policy losses: the k1.5 mirror-descent surrogate and its comparisons.
+
+`from kimi_jax.rl import losses`; `losses.k15_loss(...)`, `losses.dpo_loss(...)`.
+One module per job:
+  config.py    LossConfig (which loss, its options)
+  reduce.py    per-sample reductions of token terms, masks, group statistics
+  policy.py    k15_loss (report §2.3.2), rest_loss, ppo_clip_loss
+  dpo.py       dpo_loss (long2short)
+  dispatch.py  policy_loss: the loss `LossConfig.algorithm` selects
+
+Axis legend: N samples in the batch (N = G * K when grouped), T tokens per
+sample, G prompts (groups), K samples per prompt, P preference pairs.
+
+All functions are pure and jittable; string / bool options are Python values
+(close over them or mark them static). Log-probs are per token, float32,
+`logp[n, t] = log pi(token t of sample n | prefix)`; `mask[n, t]` (bool or
+float) selects the tokens that enter the loss. Nothing here reads the group
+structure except `group_baseline` / `group_advantages`.
+
+Masks and partial rollouts: the caller decides which tokens count. To train
+only on the segment generated in the current iteration (the default of the
+design, `train_old_segments=False`), build the mask with
+`current_segment_mask(iteration_of_token, iteration, response_mask)`; tokens
+of segments generated in earlier iterations then get zero gradient and do not
+enter the sequence log-ratio either.
+
+Normalisation (how token terms become one number per sample), shared by all
+losses here:
+  'sequence': sum over the sample's masked tokens (the report: log pi(y, z|x)
+              is the whole-sequence log-prob). Default for k15 and ReST.
+  'token':    that sum divided by the sample's number of masked tokens
+              (max 1), i.e. the per-sample token mean (GRPO style).
+  'fixed':    that sum divided by T, the static width of the batch, a
+              length-independent constant (Dr. GRPO style).
+"""
+from kimi_jax.rl.losses.config import ALGORITHMS, FORMS, NORMALISATIONS, LossConfig
+from kimi_jax.rl.losses.dispatch import policy_loss
+from kimi_jax.rl.losses.dpo import dpo_loss
+from kimi_jax.rl.losses.policy import k15_loss, ppo_clip_loss, rest_loss
+from kimi_jax.rl.losses.reduce import (current_segment_mask, group_advantages, group_baseline,
+                                       reduce_tokens, sample_mean)
+
+__all__ = ["ALGORITHMS", "FORMS", "NORMALISATIONS", "LossConfig", "current_segment_mask",
+           "dpo_loss", "group_advantages", "group_baseline", "k15_loss", "policy_loss",
+           "ppo_clip_loss", "reduce_tokens", "rest_loss", "sample_mean"]
