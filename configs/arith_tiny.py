@@ -75,6 +75,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       prompt_eps=0.05,
       curriculum="none",  # none | two_phase | linear
       hard_from_iteration=0, hard_min_difficulty=0.5,
+      task_reward="binary",  # 1 for a correct answer (exact match), else 0
       length_penalty_weight=0.2, length_penalty_start=60,  # warm-up: off for the first half
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=96,  # samples per optimizer step; extra samples give extra steps

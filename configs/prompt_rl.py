@@ -70,6 +70,7 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
       # Needs a difficulty on every prompt; --config.rl.curriculum=none otherwise.
       curriculum="two_phase",
       hard_from_iteration=int(0.6 * total_iterations), hard_min_difficulty=0.5,
+      task_reward="binary",  # binary: code passes ALL tests (report) | fraction: partial credit
       length_penalty_weight=0.2, length_penalty_start=total_iterations // 4,
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=minibatch_size,

@@ -242,8 +242,8 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
     raise ConfigError(f"config.rollout.decode_phases must be an int >= 1, got {decode_phases!r}")
   rl = dict(c["rl"])
   extras = _take(rl, ("minibatch_size", "train_old_segments"))
-  reward = _take(rl, ("length_penalty_weight", "length_penalty_start", "truncated_reward",
-                      "repeat_penalty"))
+  reward = _take(rl, ("task_reward", "length_penalty_weight", "length_penalty_start",
+                      "truncated_reward", "repeat_penalty"))
   prompts = _take(rl, ("prompt_sampling", "prompt_eps", "curriculum", "hard_from_iteration",
                        "hard_min_difficulty", "success_ema_rate"))
   renamed = {"prompt_sampling": "mode", "prompt_eps": "eps", "success_ema_rate": "ema_rate"}

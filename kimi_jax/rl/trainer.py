@@ -193,18 +193,21 @@ class Trainer:
     return out
 
   def rewards(self, groups, iteration):
-    """Final rewards [G, K] and reward metrics for completed groups."""
+    """(correct_GK bool, total_GK float32, metrics) for completed groups:
+    correctness (`rewards.is_correct`, also the prompt sampler's success)
+    and final rewards."""
     records = [self.train[g.prompt_idx] for g in groups for _ in g.trajectories]
     texts = [self.task.decode(t.response) for g in groups for t in g.trajectories]
     outcome = rewards_lib.apply_verifier(self.task.score, records, texts,
                                          max_workers=self.task.verifier_workers)
     G, K = len(groups), len(groups[0].trajectories)
-    task_GK = np.asarray(outcome.rewards, np.float32).reshape(G, K)
+    scores_GK = np.asarray(outcome.rewards, np.float32).reshape(G, K)
     lengths_GK = np.array([[t.response_len for t in g.trajectories] for g in groups]).reshape(G, K)
     finish_GK = np.array([[int(t.finish) for t in g.trajectories] for g in groups]).reshape(G, K)
-    total_GK = rewards_lib.total_reward(task_GK, lengths_GK, finish_GK, iteration, self.s.reward)
+    total_GK, parts = rewards_lib.total_reward(scores_GK, lengths_GK, finish_GK, iteration,
+                                               self.s.reward, return_parts=True)
     m = {"rollout/groups_completed": G, "rollout/reward_mean": float(total_GK.mean()),
-         "rollout/task_reward_mean": float(task_GK.mean()),
+         "rollout/task_reward_mean": float(parts["task"].mean()),
          "rollout/response_tokens_mean": float(lengths_GK.mean()),
          "rollout/verifier_errors": float(sum(outcome.errors.values()))}
     # Per reason only when it happens: a rare event, and the synthetic rows stay as they were.
@@ -214,7 +217,7 @@ class Trainer:
     for d in sorted({d for d in difficulty_G if d is not None}):
       rows = [i for i, dg in enumerate(difficulty_G) if dg == d]
       m[f"rollout/response_tokens_d{d}"] = float(lengths_GK[rows].mean())
-    return task_GK, total_GK, m
+    return parts["correct"], total_GK, m
 
   def update(self, params, groups, total_GK, iteration, step, skipped):
     """The training phase; every process calls it (with its own, maybe no,
@@ -281,9 +284,9 @@ class Trainer:
     row = dict(scheduler.metrics())
     total_GK = None
     if groups:
-      task_GK, total_GK, m = self.rewards(groups, it)
+      correct_GK, total_GK, m = self.rewards(groups, it)
       row.update(m)
-      sampler.update_groups([g.prompt_idx for g in groups], task_GK)
+      sampler.update_groups([g.prompt_idx for g in groups], correct_GK)
     row.update(sampler.metrics(it))
     row = multihost.combine_rows(distributed.allgather_json(row))
     row["train/loss"] = float("nan")
