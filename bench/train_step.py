@@ -76,7 +76,8 @@ def main(argv):
 
   from kimi_jax.models.transformer import ModelConfig, init_params
   from kimi_jax.rl import losses
-  from kimi_jax.rl.update import Batch, TrainState, UpdateConfig, make_optimizer, make_train_step
+  from kimi_jax.rl.batch import Batch
+  from kimi_jax.rl.update import TrainState, UpdateConfig, make_optimizer, make_train_step
 
   cfg = ModelConfig(**MODEL)
   B, T = FLAGS.batch, FLAGS.seq_len
@@ -96,7 +97,7 @@ def main(argv):
   batch = jax.device_put(Batch(
       tokens_NT=rng.integers(3, cfg.vocab_size, (B, T)).astype(np.int32), mask_NT=mask,
       ref_logp_NT=np.full((B, T), -3.0, np.float32), rewards_N=rewards,
-      baseline_N=np.full(B, rewards.mean(), np.float32), advantages_N=rewards - rewards.mean(),
+      advantages_N=rewards - rewards.mean(),
       sample_mask_N=np.ones(B, np.float32)))
 
   t = time.perf_counter()

@@ -7,7 +7,8 @@ import pytest
 
 from kimi_jax.models.transformer import ModelConfig, init_params
 from kimi_jax.rl import losses
-from kimi_jax.rl.update import (Batch, TrainState, UpdateConfig, make_optimizer, make_ref_logprobs,
+from kimi_jax.rl.batch import Batch
+from kimi_jax.rl.update import (TrainState, UpdateConfig, make_optimizer, make_ref_logprobs,
                                 make_train_step, set_learning_rate, token_logprobs)
 
 CFG = ModelConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -22,13 +23,13 @@ def make_batch(params, seed=0):
   mask[:, 4:] = 1.0
   mask[1, 9:] = 0.0
   rewards = rng.integers(0, 2, N).astype(np.float32)
-  baseline = np.repeat(rewards.reshape(2, 4).mean(1), 4)
+  advantages = losses.group_advantages(rewards.reshape(2, 4)).reshape(-1)
   ref = make_ref_logprobs(CFG, 4)(params, jnp.asarray(tokens))
   sample_mask = np.ones(N, np.float32)
   sample_mask[-1] = 0.0
   return Batch(tokens_NT=jnp.asarray(tokens), mask_NT=jnp.asarray(mask), ref_logp_NT=ref,
-               rewards_N=jnp.asarray(rewards), baseline_N=jnp.asarray(baseline),
-               advantages_N=jnp.asarray(rewards - baseline), sample_mask_N=jnp.asarray(sample_mask))
+               rewards_N=jnp.asarray(rewards), advantages_N=jnp.asarray(advantages),
+               sample_mask_N=jnp.asarray(sample_mask))
 
 
 def fresh_state(params, opt):
@@ -51,23 +52,35 @@ def test_token_logprobs_alignment(params):
   np.testing.assert_allclose(logp[0, 1:], ref, atol=1e-6)
 
 
+def sgd():
+  """Plain SGD at lr 1 behind the train step's non-finite guard: the update
+  is minus the accumulated gradient (AdamW's g / (|g| + eps) would magnify
+  the float rounding of near-zero entries)."""
+  return optax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=1_000_000)
+
+
+def step_gradient(step, params, batch, **kw):
+  state, metrics = step(TrainState(params=jax.tree.map(jnp.copy, params),
+                                   opt_state=sgd().init(params), step=jnp.zeros((), jnp.int32),
+                                   skipped=jnp.zeros((), jnp.int32)), batch, **kw)
+  return jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), state.params, params), metrics
+
+
 @pytest.mark.parametrize("algorithm", ["k15", "rest", "ppo"])
 def test_microbatch_accumulation_equals_full_batch(params, algorithm):
+  """Tolerance: float32 sums over 8 samples in another order (rtol 1e-4 of
+  each gradient entry, atol 1e-7 for entries that nearly cancel)."""
   batch = make_batch(params)
   loss_cfg = losses.LossConfig(algorithm=algorithm, tau=0.5)
   outs = []
   for micro in (2, 8):
-    ucfg = UpdateConfig(learning_rate=1e-2, microbatch_size=micro, clip_norm=1e6)
-    opt = make_optimizer(ucfg)
-    step = make_train_step(CFG, loss_cfg, ucfg, opt)
-    state, metrics = step(fresh_state(jax.tree.map(jnp.copy, params), opt), batch)
-    outs.append((state.params, metrics))
+    ucfg = UpdateConfig(microbatch_size=micro, clip_norm=1e6)
+    outs.append(step_gradient(make_train_step(CFG, loss_cfg, ucfg, sgd()), params, batch))
   np.testing.assert_allclose(outs[0][1]["train/loss"], outs[1][1]["train/loss"], rtol=1e-5)
   np.testing.assert_allclose(outs[0][1]["train/grad_norm"], outs[1][1]["train/grad_norm"], rtol=1e-4)
-  # One AdamW step at lr 1e-2: g / (|g| + eps) magnifies float rounding of
-  # near-zero gradient entries, so parameters agree to ~1e-5 of the lr scale.
+  assert float(outs[1][1]["train/grad_norm"]) > 0
   for a, b in zip(jax.tree.leaves(outs[0][0]), jax.tree.leaves(outs[1][0])):
-    np.testing.assert_allclose(a, b, atol=5e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_k15_step_gradient_is_reinforce_at_the_reference(params):
@@ -77,7 +90,7 @@ def test_k15_step_gradient_is_reinforce_at_the_reference(params):
   opt = make_optimizer(ucfg)
   step = make_train_step(CFG, losses.LossConfig(tau=0.5), ucfg, opt)
   _, metrics = step(fresh_state(jax.tree.map(jnp.copy, params), opt), batch)
-  a = np.asarray(batch.rewards_N - batch.baseline_N)[:7]
+  a = np.asarray(batch.advantages_N)[:7]
   np.testing.assert_allclose(metrics["train/loss"], np.mean(a ** 2), rtol=1e-5)
 
 
@@ -98,7 +111,7 @@ def test_training_reduces_the_loss_and_lr_is_settable(params):
 
 def test_non_finite_update_is_skipped_and_counted(params):
   batch = make_batch(params)
-  bad = batch.replace(rewards_N=batch.rewards_N.at[0].set(jnp.nan))
+  bad = batch.replace(advantages_N=batch.advantages_N.at[0].set(jnp.nan))
   ucfg = UpdateConfig(microbatch_size=4)
   opt = make_optimizer(ucfg)
   step = make_train_step(CFG, losses.LossConfig(), ucfg, opt)

@@ -1,16 +1,40 @@
-"""Finished groups -> static-shape training minibatches.
+"""Finished groups -> static-shape training minibatches (`Batch`).
 
 Axis legend: G groups, K samples per group, N samples per minibatch,
 T padded sequence length.
+
+The host side of the update: which tokens enter the loss, the group
+baseline and advantages (`losses.group_advantages`, the one place they are
+computed), and the fixed-shape arrays the jitted train step takes.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import flax.struct
+import jax
 import numpy as np
 
-from kimi_jax.rl.update import Batch
+from kimi_jax.rl import losses
 from kimi_jax.sampling.partial import Group
+
+
+@flax.struct.dataclass
+class Batch:
+  """One minibatch (static shapes; padded samples have sample_mask 0).
+
+  tokens_NT int32; mask_NT float32, the tokens that enter the loss;
+  ref_logp_NT float32, log-probs under the iteration-start policy (the
+  reference); rewards_N float32 final rewards; advantages_N float32,
+  r - r_bar (/ group std with `LossConfig.advantage_std_norm`);
+  sample_mask_N float32.
+  """
+  tokens_NT: jax.Array
+  mask_NT: jax.Array
+  ref_logp_NT: jax.Array
+  rewards_N: jax.Array
+  advantages_N: jax.Array
+  sample_mask_N: jax.Array
 
 
 def loss_mask(traj, train_old_segments: bool) -> np.ndarray:
@@ -30,16 +54,17 @@ def loss_mask(traj, train_old_segments: bool) -> np.ndarray:
 
 def empty_minibatch(n: int, length: int) -> dict:
   """A minibatch of `n` padding samples of `length` tokens (sample_mask 0: no
-  loss, no gradient), in the fields of `update.Batch` except `ref_logp_NT`."""
+  loss, no gradient), in the fields of `Batch` except `ref_logp_NT`."""
   return dict(tokens_NT=np.zeros((n, length), np.int32),
               mask_NT=np.zeros((n, length), np.float32), rewards_N=np.zeros(n, np.float32),
-              baseline_N=np.zeros(n, np.float32), advantages_N=np.zeros(n, np.float32),
+              advantages_N=np.zeros(n, np.float32),
               sample_mask_N=np.zeros(n, np.float32))
 
 
 def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibatch_size: int,
                      length: int = 0, length_multiple: int = 64,
-                     train_old_segments: bool = False) -> list[dict]:
+                     train_old_segments: bool = False,
+                     advantage_std_norm: bool = False) -> list[dict]:
   """Pack all samples of `groups` into padded minibatches of `minibatch_size`.
 
   Args:
@@ -54,18 +79,17 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
       this multiple (one shape per iteration, few shapes per run; finer than
       powers of two, which would nearly double the work of 130-token samples).
     train_old_segments: see `loss_mask`.
+    advantage_std_norm: divide each group's advantages by its reward std
+      (`LossConfig.advantage_std_norm`).
 
   Returns:
-    A list of dicts of numpy arrays with the fields of `update.Batch` except
+    A list of dicts of numpy arrays with the fields of `Batch` except
     `ref_logp_NT` (computed on device under the iteration-start params).
   """
   if not groups:
     return []
   rewards_GK = np.asarray(rewards_GK, np.float32)
-  # The k1.5 baseline: mean reward of the group (numpy: host data, and eager
-  # jnp would compile a kernel for every new group count).
-  baseline_GK = np.broadcast_to(rewards_GK.mean(axis=1, keepdims=True), rewards_GK.shape)
-  advantages_GK = rewards_GK - baseline_GK
+  advantages_GK = losses.group_advantages(rewards_GK, std_normalise=advantage_std_norm)
   samples = [(t, g, k) for g, grp in enumerate(groups) for k, t in enumerate(grp.trajectories)]
   longest = max(len(t.tokens) for t, _, _ in samples)
   T = length or -(-longest // length_multiple) * length_multiple
@@ -79,7 +103,6 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
       mb["tokens_NT"][n, :len(t.tokens)] = t.tokens
       mb["mask_NT"][n, :len(t.tokens)] = loss_mask(t, train_old_segments)
       mb["rewards_N"][n] = rewards_GK[g, k]
-      mb["baseline_N"][n] = baseline_GK[g, k]
       mb["advantages_N"][n] = advantages_GK[g, k]
       mb["sample_mask_N"][n] = 1.0
     out.append(mb)

@@ -226,7 +226,8 @@ class Trainer:
     s = self.s
     n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
     mbs = batch_lib.make_minibatches(groups, total_GK, minibatch_size=n, length=T,
-                                     train_old_segments=s.rl.train_old_segments)
+                                     train_old_segments=s.rl.train_old_segments,
+                                     advantage_std_norm=s.loss.advantage_std_norm)
     # Every process takes the same number of steps; padding rows weigh 0.
     count = distributed.max_over_processes(len(mbs))
     if not count:

@@ -33,6 +33,7 @@ import optax
 
 from kimi_jax.models.transformer import ModelConfig, Transformer
 from kimi_jax.rl import losses
+from kimi_jax.rl.batch import Batch
 
 if TYPE_CHECKING:
   from kimi_jax.parallel import Layout
@@ -146,52 +147,6 @@ def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int, layout: Optional["
 
 
 @flax.struct.dataclass
-class Batch:
-  """One minibatch (static shapes; padded samples have sample_mask 0).
-
-  tokens_NT int32, mask_NT float32 (tokens that enter the loss),
-  ref_logp_NT float32 (iteration-start policy), rewards_N / baseline_N /
-  advantages_N float32, sample_mask_N float32.
-  """
-  tokens_NT: jax.Array
-  mask_NT: jax.Array
-  ref_logp_NT: jax.Array
-  rewards_N: jax.Array
-  baseline_N: jax.Array
-  advantages_N: jax.Array
-  sample_mask_N: jax.Array
-
-
-def sample_loss(loss_cfg: losses.LossConfig, logp_NT, b: Batch):
-  """The configured policy loss and its diagnostics for one microbatch."""
-  if loss_cfg.algorithm == "k15":
-    return losses.k15_loss(logp_NT, b.ref_logp_NT, b.mask_NT, b.rewards_N, b.baseline_N,
-                           loss_cfg.tau, form=loss_cfg.form,
-                           normalisation=loss_cfg.normalisation,
-                           sample_mask=b.sample_mask_N, return_aux=True)
-  if loss_cfg.algorithm == "rest":
-    return losses.rest_loss(logp_NT, b.mask_NT, b.rewards_N, threshold=loss_cfg.rest_threshold,
-                            normalisation=loss_cfg.normalisation,
-                            sample_mask=b.sample_mask_N, return_aux=True)
-  return losses.ppo_clip_loss(
-      logp_NT, b.ref_logp_NT, b.mask_NT, b.advantages_N, clip_eps=loss_cfg.clip_eps,
-      clip_eps_high=loss_cfg.clip_eps_high, normalisation=loss_cfg.normalisation,
-      ref_logp=b.ref_logp_NT if loss_cfg.kl_coef > 0 else None, kl_coef=loss_cfg.kl_coef,
-      sample_mask=b.sample_mask_N, return_aux=True)
-
-
-def loss_weights(loss_cfg: losses.LossConfig, b: Batch) -> jax.Array:
-  """float32 `[N]`: the samples each loss averages over (its denominator).
-
-  ReST averages over the selected (positive) samples only; the others over
-  every valid sample. Microbatch gradients are weighted by these counts.
-  """
-  if loss_cfg.algorithm == "rest":
-    return b.sample_mask_N * (b.rewards_N > loss_cfg.rest_threshold).astype(jnp.float32)
-  return b.sample_mask_N
-
-
-@flax.struct.dataclass
 class TrainState:
   params: Any
   opt_state: Any
@@ -240,8 +195,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
       # The iteration's first step runs at theta_i itself: the reference
       # log-probs are this forward pass's, so no separate pass is needed.
       b = b.replace(ref_logp_NT=jax.lax.stop_gradient(logp_NT))
-    loss, aux = sample_loss(loss_cfg, logp_NT, b)
-    return loss, aux
+    return losses.policy_loss(loss_cfg, logp_NT, b, return_aux=True)
 
   def train_step(state: TrainState, batch: Batch, ref_is_current: bool = False):
     N = batch.tokens_NT.shape[0]
@@ -252,7 +206,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
 
   def _train_step(state: TrainState, batch: Batch, ref_is_current: bool):
     mbs = jax.tree.map(lambda x: _microbatches(x, n), batch)
-    total = jnp.maximum(jnp.sum(loss_weights(loss_cfg, batch)), 1.0)
+    total = jnp.maximum(jnp.sum(losses.loss_weights(loss_cfg, batch)), 1.0)
     loss_fn = functools.partial(micro_loss, ref_is_current=ref_is_current)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -260,7 +214,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
       grads, loss_sum, aux_sum = carry
       (loss, aux), g = grad_fn(state.params, mb)
       g = keep_like_params(g)
-      w = jnp.sum(loss_weights(loss_cfg, mb)) / total
+      w = jnp.sum(losses.loss_weights(loss_cfg, mb)) / total
       grads = jax.tree.map(lambda a, x: a + w * x, grads, g)
       aux_sum = jax.tree.map(lambda a, x: a + w * x, aux_sum, aux)
       return (grads, loss_sum + w * loss, aux_sum), None

@@ -15,7 +15,9 @@ All functions are pure and jittable; string / bool options are Python values
 (close over them or mark them static). Log-probs are per token, float32,
 `logp[n, t] = log pi(token t of sample n | prefix)`; `mask[n, t]` (bool or
 float) selects the tokens that enter the loss. Nothing here reads the group
-structure except `group_baseline` / `group_advantages`.
+structure except `group_baseline` / `group_advantages`, which run on the host
+(numpy) when the batch is built: the baseline and advantages are computed
+there once and reach the jitted losses per sample.
 
 Masks and partial rollouts: the caller decides which tokens count. To train
 only on the segment generated in the current iteration (the default of the
@@ -34,12 +36,13 @@ losses here:
               length-independent constant (Dr. GRPO style).
 """
 from kimi_jax.rl.losses.config import ALGORITHMS, FORMS, NORMALISATIONS, LossConfig
-from kimi_jax.rl.losses.dispatch import policy_loss
+from kimi_jax.rl.losses.dispatch import loss_weights, policy_loss
 from kimi_jax.rl.losses.dpo import dpo_loss
-from kimi_jax.rl.losses.policy import k15_loss, ppo_clip_loss, rest_loss
+from kimi_jax.rl.losses.policy import k15_loss, k15_surrogate, ppo_clip_loss, rest_loss
 from kimi_jax.rl.losses.reduce import (current_segment_mask, group_advantages, group_baseline,
                                        reduce_tokens, sample_mean)
 
 __all__ = ["ALGORITHMS", "FORMS", "NORMALISATIONS", "LossConfig", "current_segment_mask",
-           "dpo_loss", "group_advantages", "group_baseline", "k15_loss", "policy_loss",
+           "dpo_loss", "group_advantages", "group_baseline", "k15_loss", "k15_surrogate",
+           "loss_weights", "policy_loss",
            "ppo_clip_loss", "reduce_tokens", "rest_loss", "sample_mean"]

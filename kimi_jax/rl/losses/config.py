@@ -22,8 +22,12 @@ class LossConfig:
   rest_threshold: ReST trains on samples with reward > rest_threshold.
   clip_eps, clip_eps_high: PPO clip range [1 - clip_eps, 1 + clip_eps_high]
     (clip_eps_high None = clip_eps).
-  advantage_std_norm: PPO/GRPO advantages divided by the group's reward std.
-  kl_coef: PPO/GRPO k3-estimator KL penalty weight to the reference.
+  advantage_std_norm: divide each group's advantages r - r_bar by the
+    group's reward standard deviation (+1e-6; GRPO); applies to 'k15' and
+    'ppo' (ReST uses no advantage: an error there). Computed on the host
+    with the baseline (`group_advantages`, rl/batch.py).
+  kl_coef: PPO/GRPO k3-estimator KL penalty weight to the iteration-start
+    policy (the reference; 'ppo' only: k1.5's KL weight is `tau`).
   """
   algorithm: str = "k15"
   tau: float = 0.1
@@ -51,6 +55,16 @@ class LossConfig:
       raise ValueError(f"LossConfig.kl_coef must be a number >= 0, got {self.kl_coef!r}")
     if not isinstance(self.rest_threshold, (int, float)):
       raise ValueError(f"LossConfig.rest_threshold must be a number, got {self.rest_threshold!r}")
+    if not isinstance(self.advantage_std_norm, bool):
+      raise ValueError("LossConfig.advantage_std_norm must be True or False, got "
+                       f"{self.advantage_std_norm!r}")
+    # Options another algorithm would silently ignore are errors.
+    if self.advantage_std_norm and self.algorithm == "rest":
+      raise ValueError("LossConfig.advantage_std_norm has no effect with algorithm='rest' "
+                       "(ReST uses no advantage)")
+    if self.kl_coef and self.algorithm != "ppo":
+      raise ValueError(f"LossConfig.kl_coef applies to algorithm='ppo' only, got "
+                       f"algorithm={self.algorithm!r} (k1.5's KL weight is tau)")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -23,7 +23,7 @@ def k15_loss(logp, ref_logp, mask, rewards, baseline, tau, *,
     logp: `[N, T]` float, per-token log pi_theta (the trained policy).
     ref_logp: `[N, T]` float, per-token log pi_theta_i, the policy at the
       start of the iteration (the reference; no gradient flows into it).
-    mask: `[N, T]` bool/float, tokens that count (see `current_segment_mask`).
+    mask: `[N, T]` bool/float, the tokens that count.
     rewards: `[N]` float, final reward r (task + shaping).
     baseline: `[N]` float, r_bar, the mean reward of the sample's group
       (`group_baseline(rewards_GK).reshape(-1)`).
@@ -33,7 +33,7 @@ def k15_loss(logp, ref_logp, mask, rewards, baseline, tau, *,
       -mean_n(A_n * s_n) + (tau / 2) * mean_n(l_n^2) with s_n the reduced
       log pi_theta; its gradient is the squared form's divided by 2 * tau.
     normalisation: how token terms are reduced to l_n and s_n: 'sequence'
-      (default: sums, as in the report), 'token' or 'fixed' (module doc).
+      (default: sums, as in the report), 'token' or 'fixed' (package doc).
     sample_mask: optional `[N]`, samples that count (padding slots = 0); the
       mean is then over those samples.
     return_aux: also return a dict of scalar diagnostics.
@@ -44,9 +44,21 @@ def k15_loss(logp, ref_logp, mask, rewards, baseline, tau, *,
   Returns:
     the scalar loss, or `(loss, aux)` when return_aux.
   """
+  rewards_N = jnp.asarray(rewards, jnp.asarray(logp).dtype)
+  baseline_N = jnp.asarray(baseline, rewards_N.dtype)
+  check_shapes(rewards=rewards_N, baseline=baseline_N)
+  return k15_surrogate(logp, ref_logp, mask, rewards_N - baseline_N, tau, form=form,
+                       normalisation=normalisation, sample_mask=sample_mask,
+                       return_aux=return_aux)
+
+
+def k15_surrogate(logp, ref_logp, mask, advantages, tau, *, form: str = "squared",
+                  normalisation: str = "sequence", sample_mask=None,
+                  return_aux: bool = False):
+  """`k15_loss` from precomputed advantages `[N]` A_n (e.g. r - r_bar divided
+  by the group's std, `group_advantages`); the other arguments as there."""
   check_choice("form", form, FORMS)
-  if isinstance(tau, (int, float)) and (tau < 0 or (tau == 0 and
-                                                      form == "squared")):
+  if isinstance(tau, (int, float)) and (tau < 0 or (tau == 0 and form == "squared")):
     raise ValueError(f"tau must be > 0 (>= 0 for form='gradient'), got {tau!r}")
   logp_NT = jnp.asarray(logp)
   ref_logp_NT = jax.lax.stop_gradient(jnp.asarray(ref_logp))
@@ -54,14 +66,11 @@ def k15_loss(logp, ref_logp, mask, rewards, baseline, tau, *,
   check_shapes(logp=logp_NT, ref_logp=ref_logp_NT, mask=mask_NT)
   if logp_NT.ndim != 2:
     raise ValueError(f"logp must be [N, T], got shape {logp_NT.shape}")
-  rewards_N = jnp.asarray(rewards, logp_NT.dtype)
-  baseline_N = jnp.asarray(baseline, logp_NT.dtype)
-  check_shapes(rewards=rewards_N, baseline=baseline_N)
-  if rewards_N.shape != logp_NT.shape[:1]:
-    raise ValueError(f"rewards must be [N] = {logp_NT.shape[:1]}, got shape "
-                     f"{rewards_N.shape}")
+  adv_N = jax.lax.stop_gradient(jnp.asarray(advantages, logp_NT.dtype))
+  if adv_N.shape != logp_NT.shape[:1]:
+    raise ValueError(f"rewards / advantages must be [N] = {logp_NT.shape[:1]}, got shape "
+                     f"{adv_N.shape}")
 
-  adv_N = jax.lax.stop_gradient(rewards_N - baseline_N)
   log_ratio_N = reduce_tokens(logp_NT - ref_logp_NT, mask_NT, normalisation)
   residual_N = adv_N - tau * log_ratio_N
   squared = sample_mean(jnp.square(residual_N), sample_mask)

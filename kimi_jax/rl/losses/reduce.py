@@ -9,6 +9,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kimi_jax.rl.losses.config import NORMALISATIONS, check_choice
 
@@ -66,34 +67,53 @@ def sample_mean(x_N: Array, sample_mask_N: Optional[Array] = None) -> Array:
   return jnp.sum(w_N * x_N) / jnp.maximum(jnp.sum(w_N), 1.0)
 
 
-def group_baseline(rewards_GK: Array, *, leave_one_out: bool = False) -> Array:
-  """Per-sample baseline `[G, K]`: the mean reward of the sample's group.
+# ------------------------------------------------ group statistics (host)
+# The group structure lives on the host: the K samples of a prompt may land
+# in different minibatches, so r_bar is taken here once per iteration, in
+# numpy (eager jnp would compile a kernel for every new group count), and
+# enters the jitted losses as per-sample advantages.
+
+
+def group_baseline(rewards_GK, *, leave_one_out: bool = False) -> np.ndarray:
+  """float32 `[G, K]`: the mean reward of each sample's group.
 
   r_bar[g] = mean_k rewards[g, k] (the report's approximation of tau log Z),
   broadcast to every sample of the group so `baseline_GK.reshape(-1)` lines up
   with `rewards_GK.reshape(-1)` as the `baseline` argument of `k15_loss`.
   leave_one_out: mean of the OTHER K - 1 rewards instead (RLOO; needs K >= 2).
   """
-  rewards_GK = jnp.asarray(rewards_GK)
+  return _baseline(np.asarray(rewards_GK, np.float64), leave_one_out).astype(np.float32)
+
+
+def group_advantages(rewards_GK, *, std_normalise: bool = False, eps: float = 1e-6,
+                     leave_one_out: bool = False) -> np.ndarray:
+  """float32 `[G, K]`: A = r - group_baseline(r), optionally divided by the
+  group's reward standard deviation + eps (GRPO; `LossConfig.advantage_std_norm`).
+  A group of equal rewards has A = 0 exactly, either way."""
+  rewards_GK = np.asarray(rewards_GK, np.float64)
+  adv_GK = rewards_GK - _baseline(rewards_GK, leave_one_out)
+  if std_normalise:
+    adv_GK = adv_GK / (rewards_GK.std(axis=1, keepdims=True) + eps)
+  return adv_GK.astype(np.float32)
+
+
+def _baseline(rewards_GK: np.ndarray, leave_one_out: bool) -> np.ndarray:
   if rewards_GK.ndim != 2:
     raise ValueError(f"rewards_GK must be [G, K], got shape {rewards_GK.shape}")
   k = rewards_GK.shape[1]
-  sum_G1 = jnp.sum(rewards_GK, axis=1, keepdims=True)
+  sum_G1 = rewards_GK.sum(axis=1, keepdims=True)
   if leave_one_out:
     if k < 2:
       raise ValueError(f"leave_one_out baseline needs K >= 2, got K={k}")
-    return (sum_G1 - rewards_GK) / (k - 1)
-  return jnp.broadcast_to(sum_G1 / k, rewards_GK.shape)
+    baseline_GK = (sum_G1 - rewards_GK) / (k - 1)
+  else:
+    baseline_GK = np.broadcast_to(sum_G1 / k, rewards_GK.shape)
+  # Equal rewards give r - r_bar = 0 exactly (3 * 0.3 / 3 != 0.3 in floats).
+  equal_G1 = np.ptp(rewards_GK, axis=1, keepdims=True) == 0
+  return np.where(equal_G1, rewards_GK, baseline_GK)
 
 
-def group_advantages(rewards_GK: Array, *, std_normalise: bool = False,
-                     eps: float = 1e-6, leave_one_out: bool = False) -> Array:
-  """A = r - group_baseline(r), optionally / (group std + eps) (GRPO)."""
-  rewards_GK = jnp.asarray(rewards_GK)
-  adv_GK = rewards_GK - group_baseline(rewards_GK, leave_one_out=leave_one_out)
-  if std_normalise:
-    adv_GK = adv_GK / (jnp.std(rewards_GK, axis=1, keepdims=True) + eps)
-  return adv_GK
+# ------------------------------------------------------------ diagnostics
 
 
 def token_weights(mask_NT, sample_mask_N, dtype):

@@ -1,0 +1,42 @@
+"""Tests for kimi_jax/rl/batch.py: finished groups -> training minibatches.
+
+Axis legend: G groups, K samples per group, N samples per minibatch, T tokens.
+"""
+import numpy as np
+import pytest
+
+from kimi_jax.rl import batch as batch_lib
+from kimi_jax.rl import losses
+from kimi_jax.sampling.finish import FinishReason
+from kimi_jax.sampling.partial import Group, Trajectory
+
+
+def traj(prompt, response, token_iter, *, sample_idx=0, group_id=0, logp=None):
+  """A finished trajectory; `token_iter` gives each response token's iteration."""
+  tokens = np.asarray(list(prompt) + list(response), np.int32)
+  token_iter = np.asarray(token_iter, np.int32)
+  assert len(token_iter) == len(response)
+  logp = np.full(len(response), -1.0, np.float32) if logp is None else np.asarray(logp, np.float32)
+  return Trajectory(prompt_idx=group_id, sample_idx=sample_idx, group_id=group_id,
+                    tokens=tokens, prompt_len=len(prompt), logp=logp, token_iter=token_iter,
+                    finish=FinishReason.EOS, age=int(token_iter.max() - token_iter.min()),
+                    first_iteration=int(token_iter.min()), last_iteration=int(token_iter.max()))
+
+
+def group(group_id, responses, iters):
+  return Group(group_id, group_id, [traj([5, 6], r, it, sample_idx=k, group_id=group_id)
+                                    for k, (r, it) in enumerate(zip(responses, iters))])
+
+
+def test_advantages_are_group_advantages_std_normalised_on_request():
+  groups = [group(0, [[7], [8], [9], [10]], [[1]] * 4), group(1, [[7]] * 4, [[1]] * 4)]
+  rewards_GK = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+  plain, = batch_lib.make_minibatches(groups, rewards_GK, minibatch_size=8, length=4)
+  np.testing.assert_allclose(plain["advantages_N"], [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+  normed, = batch_lib.make_minibatches(groups, rewards_GK, minibatch_size=8, length=4,
+                                       advantage_std_norm=True)
+  np.testing.assert_allclose(normed["advantages_N"],
+                             losses.group_advantages(rewards_GK, std_normalise=True).reshape(-1))
+  np.testing.assert_allclose(normed["advantages_N"][:4],
+                             np.array([0.75, -0.25, -0.25, -0.25]) / np.sqrt(0.1875), rtol=1e-5)
+  np.testing.assert_allclose(normed["rewards_N"], rewards_GK.reshape(-1))
