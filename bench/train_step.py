@@ -96,7 +96,8 @@ def main(argv):
   rewards = rng.integers(0, 2, B).astype(np.float32)
   batch = jax.device_put(Batch(
       tokens_NT=rng.integers(3, cfg.vocab_size, (B, T)).astype(np.int32), mask_NT=mask,
-      ref_logp_NT=np.full((B, T), -3.0, np.float32), rewards_N=rewards,
+      ref_logp_NT=np.full((B, T), -3.0, np.float32),
+      behaviour_logp_NT=np.full((B, T), -3.0, np.float32), rewards_N=rewards,
       advantages_N=rewards - rewards.mean(),
       sample_mask_N=np.ones(B, np.float32)))
 

@@ -40,3 +40,11 @@ def test_advantages_are_group_advantages_std_normalised_on_request():
   np.testing.assert_allclose(normed["advantages_N"][:4],
                              np.array([0.75, -0.25, -0.25, -0.25]) / np.sqrt(0.1875), rtol=1e-5)
   np.testing.assert_allclose(normed["rewards_N"], rewards_GK.reshape(-1))
+
+
+def test_behaviour_logprobs_are_the_samplers_at_the_response_tokens():
+  t = traj([5, 6, 7], [8, 9, 10], [2, 2, 4], logp=[-0.5, -1.5, -2.5])
+  mb, = batch_lib.make_minibatches([Group(0, 0, [t])], np.zeros((1, 1)), minibatch_size=2,
+                                   length=8)
+  np.testing.assert_array_equal(mb["behaviour_logp_NT"],
+                                [[0, 0, 0, -0.5, -1.5, -2.5, 0, 0], [0] * 8])

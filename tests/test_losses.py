@@ -241,12 +241,12 @@ def test_dpo_loss_hand_values():
   np.testing.assert_array_equal(g_ref, 0.0)
 
 
-def _as_batch(logp, ref, mask, r, adv):
+def _as_batch(logp, ref, mask, r, adv, behaviour=None):
   from kimi_jax.rl.batch import Batch
   n, t = logp.shape
   return Batch(tokens_NT=np.zeros((n, t), np.int32), mask_NT=mask.astype(np.float32),
-               ref_logp_NT=ref, rewards_N=r, advantages_N=adv,
-               sample_mask_N=np.ones(n, np.float32))
+               ref_logp_NT=ref, behaviour_logp_NT=ref if behaviour is None else behaviour,
+               rewards_N=r, advantages_N=adv, sample_mask_N=np.ones(n, np.float32))
 
 
 @pytest.mark.parametrize("algorithm", losses.ALGORITHMS)
@@ -262,6 +262,24 @@ def test_policy_loss_dispatch(algorithm):
           "rest": lambda: losses.rest_loss(logp, mask, r),
           "ppo": lambda: losses.ppo_clip_loss(logp, ref, mask, adv, normalisation="sequence")}
   np.testing.assert_allclose(loss, want[algorithm](), rtol=1e-6)
+
+
+def test_ppo_ratio_is_to_the_behaviour_policy_and_kl_to_the_reference():
+  """A segment carried over from an older iteration was drawn by an older
+  policy: its recorded behaviour log-probs, not the iteration-start policy,
+  are the denominator of PPO's ratio; the KL term still anchors to the
+  iteration-start policy (the reference)."""
+  logp, _, mask, r, _ = _random_batch(11)
+  adv = losses.group_advantages(r.reshape(3, 4)).reshape(-1)
+  ref = logp  # the first step of an iteration: theta = theta_i
+  behaviour = (logp - 0.3).astype(np.float32)  # the old policy found these tokens less likely
+  cfg = losses.LossConfig(algorithm="ppo", kl_coef=0.5)
+  loss, aux = losses.policy_loss(cfg, logp, _as_batch(logp, ref, mask, r, adv, behaviour),
+                                 return_aux=True)
+  want = losses.ppo_clip_loss(logp, behaviour, mask, adv, normalisation="sequence")
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(aux["ratio_mean"], np.exp(0.3), rtol=1e-5)
+  assert float(aux["kl"]) == 0.0  # theta == theta_i: no KL to the reference
 
 
 def test_advantage_std_norm_reaches_the_k15_loss():

@@ -49,8 +49,8 @@ def make_batch(seed=0):
   advantages = losses.group_advantages(rewards.reshape(4, 4)).reshape(-1)
   sample_mask = np.ones(N, np.float32)
   sample_mask[-2:] = 0.0
-  return dict(tokens_NT=tokens, mask_NT=mask, rewards_N=rewards, advantages_N=advantages,
-              sample_mask_N=sample_mask)
+  return dict(tokens_NT=tokens, mask_NT=mask, behaviour_logp_NT=np.zeros((N, T), np.float32),
+              rewards_N=rewards, advantages_N=advantages, sample_mask_N=sample_mask)
 
 
 def test_mesh_config_resolves_and_names_both_numbers():

@@ -27,7 +27,9 @@ def make_batch(params, seed=0):
   ref = make_ref_logprobs(CFG, 4)(params, jnp.asarray(tokens))
   sample_mask = np.ones(N, np.float32)
   sample_mask[-1] = 0.0
+  # On-policy: the sampler drew the tokens under the iteration-start params.
   return Batch(tokens_NT=jnp.asarray(tokens), mask_NT=jnp.asarray(mask), ref_logp_NT=ref,
+               behaviour_logp_NT=ref,
                rewards_N=jnp.asarray(rewards), advantages_N=jnp.asarray(advantages),
                sample_mask_N=jnp.asarray(sample_mask))
 

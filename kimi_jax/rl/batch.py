@@ -25,13 +25,18 @@ class Batch:
 
   tokens_NT int32; mask_NT float32, the tokens that enter the loss;
   ref_logp_NT float32, log-probs under the iteration-start policy (the
-  reference); rewards_N float32 final rewards; advantages_N float32,
+  reference); behaviour_logp_NT float32, the log-probs the sampler recorded
+  when it drew each response token (`Trajectory.logp`: for a segment
+  carried over from an earlier iteration, that iteration's policy; the
+  behaviour policy of PPO's ratio), 0 elsewhere; rewards_N float32 final
+  rewards; advantages_N float32,
   r - r_bar (/ group std with `LossConfig.advantage_std_norm`);
   sample_mask_N float32.
   """
   tokens_NT: jax.Array
   mask_NT: jax.Array
   ref_logp_NT: jax.Array
+  behaviour_logp_NT: jax.Array
   rewards_N: jax.Array
   advantages_N: jax.Array
   sample_mask_N: jax.Array
@@ -56,7 +61,9 @@ def empty_minibatch(n: int, length: int) -> dict:
   """A minibatch of `n` padding samples of `length` tokens (sample_mask 0: no
   loss, no gradient), in the fields of `Batch` except `ref_logp_NT`."""
   return dict(tokens_NT=np.zeros((n, length), np.int32),
-              mask_NT=np.zeros((n, length), np.float32), rewards_N=np.zeros(n, np.float32),
+              mask_NT=np.zeros((n, length), np.float32),
+              behaviour_logp_NT=np.zeros((n, length), np.float32),
+              rewards_N=np.zeros(n, np.float32),
               advantages_N=np.zeros(n, np.float32),
               sample_mask_N=np.zeros(n, np.float32))
 
@@ -102,6 +109,7 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
     for n, (t, g, k) in enumerate(chunk):
       mb["tokens_NT"][n, :len(t.tokens)] = t.tokens
       mb["mask_NT"][n, :len(t.tokens)] = loss_mask(t, train_old_segments)
+      mb["behaviour_logp_NT"][n, t.prompt_len:len(t.tokens)] = t.logp
       mb["rewards_N"][n] = rewards_GK[g, k]
       mb["advantages_N"][n] = advantages_GK[g, k]
       mb["sample_mask_N"][n] = 1.0

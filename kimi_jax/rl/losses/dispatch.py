@@ -20,8 +20,10 @@ def policy_loss(cfg: LossConfig, logp_NT: jax.Array, batch, *, return_aux: bool 
 
     k15   k15_surrogate(advantages, reference = ref_logp_NT), cfg.tau / form
     rest  rest_loss: NLL of the samples with reward > cfg.rest_threshold
-    ppo   ppo_clip_loss: ratio to the iteration-start policy ref_logp_NT
-          (+ cfg.kl_coef * k3 KL to it)
+    ppo   ppo_clip_loss: ratio to the behaviour policy behaviour_logp_NT
+          (the sampler's log-probs: right for segments carried over from
+          older iterations too), + cfg.kl_coef * k3 KL to the iteration-start
+          policy ref_logp_NT
 
   Advantages come with the batch (`group_advantages` on the host, std-
   normalised when cfg.advantage_std_norm). Returns the scalar loss, or
@@ -35,7 +37,7 @@ def policy_loss(cfg: LossConfig, logp_NT: jax.Array, batch, *, return_aux: bool 
   if cfg.algorithm == "rest":
     return rest_loss(logp_NT, batch.mask_NT, batch.rewards_N, threshold=cfg.rest_threshold,
                      **common)
-  return ppo_clip_loss(logp_NT, batch.ref_logp_NT, batch.mask_NT, batch.advantages_N,
+  return ppo_clip_loss(logp_NT, batch.behaviour_logp_NT, batch.mask_NT, batch.advantages_N,
                        clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
                        ref_logp=batch.ref_logp_NT if cfg.kl_coef > 0 else None,
                        kl_coef=cfg.kl_coef, **common)
