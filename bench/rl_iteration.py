@@ -84,6 +84,7 @@ def main(argv):
     total = rewards.total_reward(task, lengths, finish, it,
                                  rewards.RewardConfig(truncated_reward=None))
     mbs = batch_lib.make_minibatches(groups, total, minibatch_size=PROMPTS * K,
+                                     loss_segments="all", iteration=it,
                                      length_multiple=FLAGS.length_multiple)
     t2 = time.perf_counter()
     # One minibatch: its reference log-probs come from the first step's own

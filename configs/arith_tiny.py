@@ -79,7 +79,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       length_penalty_weight=0.2, length_penalty_start=60,  # warm-up: off for the first half
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=96,  # samples per optimizer step; extra samples give extra steps
-      train_old_segments=True))
+      # Whole responses train, carried-over segments too (most responses fit one
+      # 64-token segment). The library default 'current_iteration' trains only the
+      # tokens of this iteration's policy.
+      loss_segments="all"))
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-5, warmup_iterations=0, b1=0.9, b2=0.95, weight_decay=0.0,

@@ -74,7 +74,7 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
       length_penalty_weight=0.2, length_penalty_start=total_iterations // 4,
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=minibatch_size,
-      train_old_segments=False))  # only the current segment is on-policy
+      loss_segments="current_iteration"))  # only this iteration's tokens are on-policy
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=learning_rate, warmup_iterations=0, b1=0.9, b2=0.95, weight_decay=0.0,

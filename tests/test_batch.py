@@ -31,9 +31,11 @@ def group(group_id, responses, iters):
 def test_advantages_are_group_advantages_std_normalised_on_request():
   groups = [group(0, [[7], [8], [9], [10]], [[1]] * 4), group(1, [[7]] * 4, [[1]] * 4)]
   rewards_GK = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
-  plain, = batch_lib.make_minibatches(groups, rewards_GK, minibatch_size=8, length=4)
+  plain, = batch_lib.make_minibatches(groups, rewards_GK, minibatch_size=8, length=4,
+                                      loss_segments="all", iteration=1)
   np.testing.assert_allclose(plain["advantages_N"], [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
   normed, = batch_lib.make_minibatches(groups, rewards_GK, minibatch_size=8, length=4,
+                                       loss_segments="all", iteration=1,
                                        advantage_std_norm=True)
   np.testing.assert_allclose(normed["advantages_N"],
                              losses.group_advantages(rewards_GK, std_normalise=True).reshape(-1))
@@ -45,6 +47,43 @@ def test_advantages_are_group_advantages_std_normalised_on_request():
 def test_behaviour_logprobs_are_the_samplers_at_the_response_tokens():
   t = traj([5, 6, 7], [8, 9, 10], [2, 2, 4], logp=[-0.5, -1.5, -2.5])
   mb, = batch_lib.make_minibatches([Group(0, 0, [t])], np.zeros((1, 1)), minibatch_size=2,
-                                   length=8)
+                                   length=8, loss_segments="all", iteration=4)
   np.testing.assert_array_equal(mb["behaviour_logp_NT"],
                                 [[0, 0, 0, -0.5, -1.5, -2.5, 0, 0], [0] * 8])
+
+
+def test_loss_segments_rule_for_a_group_that_waited():
+  """Training at iteration 5 a group whose sample 0 finished at iteration 3
+  (one segment drawn at 3) and whose sample 1 spans iterations 3 and 5: only
+  the iteration-5 tokens were drawn by the policy being trained from."""
+  grp = Group(0, 0, [traj([5, 6], [7, 8, 9], [3, 3, 3], sample_idx=0),
+                     traj([5, 6], [7, 8, 9, 10], [3, 3, 5, 5], sample_idx=1)])
+  want = {"all": [[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]],
+          "current_iteration": [[0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]],
+          "last_segment": [[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1]]}
+  for rule, mask in want.items():
+    mb, = batch_lib.make_minibatches([grp], np.array([[1.0, 0.0]]), minibatch_size=2, length=6,
+                                     loss_segments=rule, iteration=5)
+    np.testing.assert_array_equal(mb["mask_NT"], mask, err_msg=rule)
+    # Sample 0 still counts: it sets the baseline and the mean's denominator.
+    np.testing.assert_array_equal(mb["sample_mask_N"], [1, 1])
+  with pytest.raises(ValueError, match="loss_segments must be one of"):
+    batch_lib.make_minibatches([grp], np.zeros((1, 2)), minibatch_size=2, length=6,
+                               loss_segments="current", iteration=5)
+
+
+def test_loss_segments_setting_default_and_old_key():
+  from configs import arith_tiny
+  from kimi_jax.rl import settings
+  config = arith_tiny.get_config()
+  assert settings.from_config(config).rl.loss_segments == "all"
+  del config.rl["loss_segments"]
+  assert settings.from_config(config).rl.loss_segments == "current_iteration"
+  config.rl.train_old_segments = True
+  with pytest.raises(settings.ConfigError, match="train_old_segments was replaced by "
+                     "config.rl.loss_segments: 'all' for train_old_segments=True"):
+    settings.from_config(config)
+  config = arith_tiny.get_config()
+  config.rl.loss_segments = "newest"
+  with pytest.raises(settings.ConfigError, match="config.rl: loss_segments must be one of"):
+    settings.from_config(config)

@@ -167,14 +167,6 @@ def test_sample_mask_drops_padding_slots():
   np.testing.assert_allclose(masked, sliced, rtol=1e-6)
 
 
-def test_current_segment_mask():
-  it_NT = np.array([[-1, 2, 2, 3, 3], [3, 3, 3, -1, -1]])
-  resp_NT = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
-  np.testing.assert_array_equal(
-      losses.current_segment_mask(it_NT, 3, resp_NT),
-      [[0, 0, 0, 1, 1], [1, 1, 1, 0, 0]])
-
-
 def test_bad_options_raise():
   logp, ref, mask, r, b = _random_batch(7)
   with pytest.raises(ValueError, match="form"):

@@ -42,18 +42,35 @@ class Batch:
   sample_mask_N: jax.Array
 
 
-def loss_mask(traj, train_old_segments: bool) -> np.ndarray:
-  """float32 `[len(tokens)]`: the response tokens that enter the loss.
+# Which response tokens enter the loss under partial rollouts (config key
+# rl.loss_segments; README "Which tokens train"). A response sampled over
+# iterations n-m..n is a chain of segments; only the segment drawn at the
+# training iteration n comes from the iteration-start policy pi_theta_n.
+LOSS_SEGMENTS = ("all", "current_iteration", "last_segment")
 
-  With `train_old_segments=False` only the trajectory's final segment (the
-  tokens generated in its last iteration) counts; earlier segments were
-  sampled by older policies and are context only (method spec §8).
+
+def loss_mask(traj, loss_segments: str, iteration: int) -> np.ndarray:
+  """float32 `[len(tokens)]`: the response tokens of `traj` that enter the loss
+  when training at `iteration`.
+
+  all: every response token, older segments too (they were drawn by older
+    policies; the k1.5 squared loss admits off-policy samples, report §2.3.2).
+  current_iteration: the tokens generated at `iteration`, i.e. by the
+    policy being trained from (on-policy). A sample that finished in an
+    earlier iteration while its group waited has none: it only sets the
+    group's baseline.
+  last_segment: the trajectory's own last segment, generated at
+    `traj.last_iteration`, which is earlier than `iteration` for a sample
+    whose group waited for its other members.
   """
+  if loss_segments not in LOSS_SEGMENTS:
+    raise ValueError(f"loss_segments must be one of {LOSS_SEGMENTS}, got {loss_segments!r}")
   mask = np.zeros(len(traj.tokens), np.float32)
-  if train_old_segments:
+  if loss_segments == "all":
     mask[traj.prompt_len:] = 1.0
   else:
-    mask[traj.prompt_len:] = (traj.token_iter == traj.last_iteration).astype(np.float32)
+    at = iteration if loss_segments == "current_iteration" else traj.last_iteration
+    mask[traj.prompt_len:] = traj.token_iter == at
   return mask
 
 
@@ -69,9 +86,8 @@ def empty_minibatch(n: int, length: int) -> dict:
 
 
 def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibatch_size: int,
-                     length: int = 0, length_multiple: int = 64,
-                     train_old_segments: bool = False,
-                     advantage_std_norm: bool = False) -> list[dict]:
+                     loss_segments: str, iteration: int, length: int = 0,
+                     length_multiple: int = 64, advantage_std_norm: bool = False) -> list[dict]:
   """Pack all samples of `groups` into padded minibatches of `minibatch_size`.
 
   Args:
@@ -79,13 +95,14 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
     rewards_GK: float32 final rewards (task + penalties) per sample.
     minibatch_size: samples per minibatch (static); the last one is padded
       with sample_mask 0.
+    loss_segments, iteration: which tokens enter the loss when training at
+      `iteration` (`loss_mask`).
     length: a fixed T for every iteration (0 = derive it per iteration).
       The trainer fixes it to the rollout max length so the update compiles
       once; benchmarks with one known length use `length_multiple` instead.
     length_multiple: T is the longest sample of the iteration rounded up to
       this multiple (one shape per iteration, few shapes per run; finer than
       powers of two, which would nearly double the work of 130-token samples).
-    train_old_segments: see `loss_mask`.
     advantage_std_norm: divide each group's advantages by its reward std
       (`LossConfig.advantage_std_norm`).
 
@@ -108,7 +125,7 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
     mb = empty_minibatch(minibatch_size, T)
     for n, (t, g, k) in enumerate(chunk):
       mb["tokens_NT"][n, :len(t.tokens)] = t.tokens
-      mb["mask_NT"][n, :len(t.tokens)] = loss_mask(t, train_old_segments)
+      mb["mask_NT"][n, :len(t.tokens)] = loss_mask(t, loss_segments, iteration)
       mb["behaviour_logp_NT"][n, t.prompt_len:len(t.tokens)] = t.logp
       mb["rewards_N"][n] = rewards_GK[g, k]
       mb["advantages_N"][n] = advantages_GK[g, k]

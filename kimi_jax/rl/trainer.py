@@ -226,7 +226,7 @@ class Trainer:
     s = self.s
     n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
     mbs = batch_lib.make_minibatches(groups, total_GK, minibatch_size=n, length=T,
-                                     train_old_segments=s.rl.train_old_segments,
+                                     loss_segments=s.rl.loss_segments, iteration=iteration,
                                      advantage_std_norm=s.loss.advantage_std_norm)
     # Every process takes the same number of steps; padding rows weigh 0.
     count = distributed.max_over_processes(len(mbs))

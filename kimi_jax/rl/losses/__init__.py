@@ -19,12 +19,10 @@ structure except `group_baseline` / `group_advantages`, which run on the host
 (numpy) when the batch is built: the baseline and advantages are computed
 there once and reach the jitted losses per sample.
 
-Masks and partial rollouts: the caller decides which tokens count. To train
-only on the segment generated in the current iteration (the default of the
-design, `train_old_segments=False`), build the mask with
-`current_segment_mask(iteration_of_token, iteration, response_mask)`; tokens
-of segments generated in earlier iterations then get zero gradient and do not
-enter the sequence log-ratio either.
+Masks and partial rollouts: the caller decides which tokens count. The
+trainer's rule is `rl.loss_segments` (`batch.loss_mask`, the one
+implementation); masked-out tokens get zero gradient and do not enter the
+sequence log-ratio either.
 
 Normalisation (how token terms become one number per sample), shared by all
 losses here:
@@ -39,10 +37,8 @@ from kimi_jax.rl.losses.config import ALGORITHMS, FORMS, NORMALISATIONS, LossCon
 from kimi_jax.rl.losses.dispatch import loss_weights, policy_loss
 from kimi_jax.rl.losses.dpo import dpo_loss
 from kimi_jax.rl.losses.policy import k15_loss, k15_surrogate, ppo_clip_loss, rest_loss
-from kimi_jax.rl.losses.reduce import (current_segment_mask, group_advantages, group_baseline,
-                                       reduce_tokens, sample_mean)
+from kimi_jax.rl.losses.reduce import group_advantages, group_baseline, reduce_tokens, sample_mean
 
-__all__ = ["ALGORITHMS", "FORMS", "NORMALISATIONS", "LossConfig", "current_segment_mask",
-           "dpo_loss", "group_advantages", "group_baseline", "k15_loss", "k15_surrogate",
-           "loss_weights", "policy_loss",
+__all__ = ["ALGORITHMS", "FORMS", "NORMALISATIONS", "LossConfig", "dpo_loss", "group_advantages",
+           "group_baseline", "k15_loss", "k15_surrogate", "loss_weights", "policy_loss",
            "ppo_clip_loss", "reduce_tokens", "rest_loss", "sample_mean"]

@@ -26,24 +26,6 @@ def check_shapes(**arrays) -> None:
                        f"{jnp.shape(a0)}")
 
 
-def current_segment_mask(iteration_of_token: Array, iteration,
-                         response_mask: Optional[Array] = None) -> Array:
-  """Bool mask `[N, T]` of the tokens generated in `iteration`.
-
-  iteration_of_token: int `[N, T]`, the rollout iteration that generated each
-    token (prompt / padding tokens may hold any value, e.g. -1; pass
-    `response_mask` to exclude them explicitly).
-  iteration: int scalar, the current iteration.
-  response_mask: optional bool/float `[N, T]`, the response tokens.
-  """
-  mask_NT = jnp.asarray(iteration_of_token) == iteration
-  if response_mask is not None:
-    check_shapes(iteration_of_token=iteration_of_token,
-                  response_mask=response_mask)
-    mask_NT = jnp.logical_and(mask_NT, jnp.asarray(response_mask) != 0)
-  return mask_NT
-
-
 def reduce_tokens(x_NT: Array, mask_NT: Array,
                   normalisation: str = "sequence") -> Array:
   """Masked per-sample reduction `[N, T] -> [N]` (see module docstring)."""
