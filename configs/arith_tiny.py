@@ -79,6 +79,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       length_penalty_weight=0.2, length_penalty_start=60,  # warm-up: off for the first half
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=96,  # samples per optimizer step; extra samples give extra steps
+      # Up to 4 finished samples share a 160-token training row (~40-token samples):
+      # the update computes ~2 of 6 microbatches (bench/rl_update.py; README).
+      samples_per_row=4,
       # Whole responses train, carried-over segments too (most responses fit one
       # 64-token segment). The library default 'current_iteration' trains only the
       # tokens of this iteration's policy.

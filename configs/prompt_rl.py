@@ -74,6 +74,9 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
       length_penalty_weight=0.2, length_penalty_start=total_iterations // 4,
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=minibatch_size,
+      # Finished samples of very different lengths share max_length rows, up to 8 a
+      # row, instead of each being padded to max_length (rl/batch.py).
+      samples_per_row=8,
       loss_segments="current_iteration"))  # only this iteration's tokens are on-policy
 
   c.optim = ml_collections.ConfigDict(dict(

@@ -33,15 +33,15 @@ def test_advantages_are_group_advantages_std_normalised_on_request():
   rewards_GK = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
   plain, = batch_lib.make_minibatches(groups, rewards_GK, minibatch_size=8, length=4,
                                       loss_segments="all", iteration=1)
-  np.testing.assert_allclose(plain["advantages_N"], [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+  np.testing.assert_allclose(plain["advantages_NS"][:, 0], [0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
   normed, = batch_lib.make_minibatches(groups, rewards_GK, minibatch_size=8, length=4,
                                        loss_segments="all", iteration=1,
                                        advantage_std_norm=True)
-  np.testing.assert_allclose(normed["advantages_N"],
+  np.testing.assert_allclose(normed["advantages_NS"][:, 0],
                              losses.group_advantages(rewards_GK, std_normalise=True).reshape(-1))
-  np.testing.assert_allclose(normed["advantages_N"][:4],
+  np.testing.assert_allclose(normed["advantages_NS"][:4, 0],
                              np.array([0.75, -0.25, -0.25, -0.25]) / np.sqrt(0.1875), rtol=1e-5)
-  np.testing.assert_allclose(normed["rewards_N"], rewards_GK.reshape(-1))
+  np.testing.assert_allclose(normed["rewards_NS"][:, 0], rewards_GK.reshape(-1))
 
 
 def test_behaviour_logprobs_are_the_samplers_at_the_response_tokens():
@@ -66,7 +66,7 @@ def test_loss_segments_rule_for_a_group_that_waited():
                                      loss_segments=rule, iteration=5)
     np.testing.assert_array_equal(mb["mask_NT"], mask, err_msg=rule)
     # Sample 0 still counts: it sets the baseline and the mean's denominator.
-    np.testing.assert_array_equal(mb["sample_mask_N"], [1, 1])
+    np.testing.assert_array_equal(mb["sample_mask_NS"], [[1], [1]])
   with pytest.raises(ValueError, match="loss_segments must be one of"):
     batch_lib.make_minibatches([grp], np.zeros((1, 2)), minibatch_size=2, length=6,
                                loss_segments="current", iteration=5)

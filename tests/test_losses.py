@@ -234,11 +234,15 @@ def test_dpo_loss_hand_values():
 
 
 def _as_batch(logp, ref, mask, r, adv, behaviour=None):
+  """One sample per row (segment 1 on every token), per-sample fields [N, 1]."""
   from kimi_jax.rl.batch import Batch
   n, t = logp.shape
-  return Batch(tokens_NT=np.zeros((n, t), np.int32), mask_NT=mask.astype(np.float32),
+  return Batch(tokens_NT=np.zeros((n, t), np.int32),
+               positions_NT=np.tile(np.arange(t, dtype=np.int32), (n, 1)),
+               segment_ids_NT=np.ones((n, t), np.int32), mask_NT=mask.astype(np.float32),
                ref_logp_NT=ref, behaviour_logp_NT=ref if behaviour is None else behaviour,
-               rewards_N=r, advantages_N=adv, sample_mask_N=np.ones(n, np.float32))
+               rewards_NS=r[:, None], advantages_NS=adv[:, None],
+               sample_mask_NS=np.ones((n, 1), np.float32))
 
 
 @pytest.mark.parametrize("algorithm", losses.ALGORITHMS)

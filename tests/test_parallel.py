@@ -49,8 +49,10 @@ def make_batch(seed=0):
   advantages = losses.group_advantages(rewards.reshape(4, 4)).reshape(-1)
   sample_mask = np.ones(N, np.float32)
   sample_mask[-2:] = 0.0
-  return dict(tokens_NT=tokens, mask_NT=mask, behaviour_logp_NT=np.zeros((N, T), np.float32),
-              rewards_N=rewards, advantages_N=advantages, sample_mask_N=sample_mask)
+  return dict(tokens_NT=tokens, positions_NT=np.tile(np.arange(T, dtype=np.int32), (N, 1)),
+              segment_ids_NT=np.ones((N, T), np.int32), mask_NT=mask,
+              behaviour_logp_NT=np.zeros((N, T), np.float32), rewards_NS=rewards[:, None],
+              advantages_NS=advantages[:, None], sample_mask_NS=sample_mask[:, None])
 
 
 def test_mesh_config_resolves_and_names_both_numbers():

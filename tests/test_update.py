@@ -17,6 +17,8 @@ N, T = 8, 12
 
 
 def make_batch(params, seed=0):
+  """N one-sample rows of T tokens (segment 1 everywhere); the last sample
+  has sample_mask 0."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(1, CFG.vocab_size, (N, T)).astype(np.int32)
   mask = np.zeros((N, T), np.float32)
@@ -28,10 +30,12 @@ def make_batch(params, seed=0):
   sample_mask = np.ones(N, np.float32)
   sample_mask[-1] = 0.0
   # On-policy: the sampler drew the tokens under the iteration-start params.
-  return Batch(tokens_NT=jnp.asarray(tokens), mask_NT=jnp.asarray(mask), ref_logp_NT=ref,
-               behaviour_logp_NT=ref,
-               rewards_N=jnp.asarray(rewards), advantages_N=jnp.asarray(advantages),
-               sample_mask_N=jnp.asarray(sample_mask))
+  return Batch(tokens_NT=jnp.asarray(tokens),
+               positions_NT=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (N, T)),
+               segment_ids_NT=jnp.ones((N, T), jnp.int32), mask_NT=jnp.asarray(mask),
+               ref_logp_NT=ref, behaviour_logp_NT=ref, rewards_NS=jnp.asarray(rewards)[:, None],
+               advantages_NS=jnp.asarray(advantages)[:, None],
+               sample_mask_NS=jnp.asarray(sample_mask)[:, None])
 
 
 def fresh_state(params, opt):
@@ -92,7 +96,7 @@ def test_k15_step_gradient_is_reinforce_at_the_reference(params):
   opt = make_optimizer(ucfg)
   step = make_train_step(CFG, losses.LossConfig(tau=0.5), ucfg, opt)
   _, metrics = step(fresh_state(jax.tree.map(jnp.copy, params), opt), batch)
-  a = np.asarray(batch.advantages_N)[:7]
+  a = np.asarray(batch.advantages_NS)[:7]
   np.testing.assert_allclose(metrics["train/loss"], np.mean(a ** 2), rtol=1e-5)
 
 
@@ -113,7 +117,7 @@ def test_training_reduces_the_loss_and_lr_is_settable(params):
 
 def test_non_finite_update_is_skipped_and_counted(params):
   batch = make_batch(params)
-  bad = batch.replace(advantages_N=batch.advantages_N.at[0].set(jnp.nan))
+  bad = batch.replace(advantages_NS=batch.advantages_NS.at[0].set(jnp.nan))
   ucfg = UpdateConfig(microbatch_size=4)
   opt = make_optimizer(ucfg)
   step = make_train_step(CFG, losses.LossConfig(), ucfg, opt)
@@ -162,7 +166,7 @@ def test_update_raises_logp_of_above_baseline_samples(params, algorithm):
     state, _ = step(state, batch)
   seq = lambda p: np.asarray(jnp.sum(token_logprobs(CFG, p, batch.tokens_NT) * batch.mask_NT, 1))  # noqa: E731
   moved = seq(state.params) - seq(params)
-  adv = np.asarray(batch.advantages_N)
-  live = (np.asarray(batch.sample_mask_N) > 0) & (adv != 0)
+  adv = np.asarray(batch.advantages_NS)[:, 0]
+  live = (np.asarray(batch.sample_mask_NS)[:, 0] > 0) & (adv != 0)
   assert live.sum() >= 4
   assert np.all(np.sign(moved[live]) == np.sign(adv[live])), (moved, adv)

@@ -224,19 +224,21 @@ class Trainer:
     groups). Returns (TrainState, metrics), or (None, {}) when no process
     has a group to train on."""
     s = self.s
-    n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
+    n, T, S = self._rows()
     mbs = batch_lib.make_minibatches(groups, total_GK, minibatch_size=n, length=T,
                                      loss_segments=s.rl.loss_segments, iteration=iteration,
+                                     samples_per_row=S,
                                      advantage_std_norm=s.loss.advantage_std_norm)
     # Every process takes the same number of steps; padding rows weigh 0.
     count = distributed.max_over_processes(len(mbs))
     if not count:
       return None, {}
-    mbs += [batch_lib.empty_minibatch(n, T) for _ in range(count - len(mbs))]
+    mbs += [batch_lib.empty_minibatch(n, T, S) for _ in range(count - len(mbs))]
     mbs = [distributed.to_global(mb, self.train_layout.batch()) for mb in mbs]
     # pi_theta_i scores every sample once, before any step of this iteration;
     # the first minibatch gets its scores inside the first step (same params).
-    refs = [None] + [self.ref_logprobs(params, mb["tokens_NT"]) for mb in mbs[1:]]
+    refs = [None] + [self.ref_logprobs(params, mb["tokens_NT"], mb["positions_NT"],
+                                       mb["segment_ids_NT"]) for mb in mbs[1:]]
     lr = np.float32(s.update.learning_rate_at(iteration))
     state = TrainState(params=params, opt_state=self.fresh_opt_state(params, lr), step=step,
                        skipped=skipped)
@@ -248,19 +250,28 @@ class Trainer:
       state, m = self.train_step(state, batch_lib.to_batch(mb, ref), ref_is_current=first)
       metrics.append(m)
     metrics = distributed.to_local(metrics)  # replicated: every process has them
+    # Token counts add up over the steps; the rest are means over steps.
+    computed, in_samples = (sum(float(m.pop(key)) for m in metrics)
+                            for key in ("train/tokens_computed", "train/tokens_in_samples"))
     out = {key: float(np.mean([float(m[key]) for m in metrics])) for key in metrics[0]}
+    out["train/padding_fraction"] = 1.0 - in_samples / computed if computed else 0.0
     out["train/steps"] = len(metrics)
     out["train/skipped_total"] = int(distributed.to_local(state.skipped))
     return state, out
+
+  def _rows(self):
+    """(rows per minibatch on this process, row length, samples per row)."""
+    s = self.s
+    return (s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length,
+            s.rl.samples_per_row)
 
   def warmup(self, params) -> None:
     """Compile the rollout and update programs now (fixed shapes), not mid-run."""
     s = self.s
     self.engine.warmup(parallel.reshard(params, self.sample_layout), self.scheduler_cfg.num_slots,
                        s.scheduler.max_length)
-    n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
-    mb = distributed.to_global(batch_lib.empty_minibatch(n, T), self.train_layout.batch())
-    ref = self.ref_logprobs(params, mb["tokens_NT"])
+    mb = distributed.to_global(batch_lib.empty_minibatch(*self._rows()), self.train_layout.batch())
+    ref = self.ref_logprobs(params, mb["tokens_NT"], mb["positions_NT"], mb["segment_ids_NT"])
     for first in (True, False):
       copy = parallel.reshard(params, self.train_layout)  # the step donates its state
       # The donating switches of every iteration, there and back.

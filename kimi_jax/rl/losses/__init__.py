@@ -24,21 +24,29 @@ trainer's rule is `rl.loss_segments` (`batch.loss_mask`, the one
 implementation); masked-out tokens get zero gradient and do not enter the
 sequence log-ratio either.
 
+Packed rows: every loss also takes `segment_ids` int `[N, T]` (s + 1 on the
+tokens of sample slot s of row n, 0 = padding) with per-sample arguments
+`[N, S]`: several samples share a row instead of each being padded to T
+(`rl.samples_per_row`). Per-sample sums become per-segment sums
+(`reduce_tokens`); nothing else changes.
+
 Normalisation (how token terms become one number per sample), shared by all
 losses here:
   'sequence': sum over the sample's masked tokens (the report: log pi(y, z|x)
               is the whole-sequence log-prob). Default for k15 and ReST.
   'token':    that sum divided by the sample's number of masked tokens
               (max 1), i.e. the per-sample token mean (GRPO style).
-  'fixed':    that sum divided by T, the static width of the batch, a
+  'fixed':    that sum divided by T, the static width of the batch (the
+              rollout max length in the trainer, packed or not), a
               length-independent constant (Dr. GRPO style).
 """
 from kimi_jax.rl.losses.config import ALGORITHMS, FORMS, NORMALISATIONS, LossConfig
 from kimi_jax.rl.losses.dispatch import loss_weights, policy_loss
 from kimi_jax.rl.losses.dpo import dpo_loss
 from kimi_jax.rl.losses.policy import k15_loss, k15_surrogate, ppo_clip_loss, rest_loss
-from kimi_jax.rl.losses.reduce import group_advantages, group_baseline, reduce_tokens, sample_mean
+from kimi_jax.rl.losses.reduce import (group_advantages, group_baseline, per_sample_sum,
+                                       reduce_tokens, sample_mean)
 
 __all__ = ["ALGORITHMS", "FORMS", "NORMALISATIONS", "LossConfig", "dpo_loss", "group_advantages",
            "group_baseline", "k15_loss", "k15_surrogate", "loss_weights", "policy_loss",
-           "ppo_clip_loss", "reduce_tokens", "rest_loss", "sample_mean"]
+           "per_sample_sum", "ppo_clip_loss", "reduce_tokens", "rest_loss", "sample_mean"]

@@ -17,6 +17,10 @@ def dpo_loss(policy_chosen_logp, policy_rejected_logp, ref_chosen_logp,
   loss = mean_p -log sigmoid(beta * ((pc - rc) - (pr - rr))), where pc/pr are
   the policy's and rc/rr the frozen reference's summed log-probs of the chosen
   (shortest correct) and rejected responses. The reference gets no gradient.
+  From token log-probs of packed rows (several responses per row, segment
+  ids), `reduce_tokens(logp_NT, response_mask_NT, segment_ids=...,
+  num_samples=S)` gives each response's sum `[N, S]`; pick the pairs' entries
+  from it (tests/test_packing.py checks packed = unpacked).
   """
   pc_P = jnp.asarray(policy_chosen_logp)
   pr_P = jnp.asarray(policy_rejected_logp)

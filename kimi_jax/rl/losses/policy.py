@@ -1,6 +1,12 @@
 """Policy losses: the k1.5 mirror-descent surrogate, ReST and PPO-clip.
 
-Axis legend: N samples, T tokens per sample.
+Axis legend: N rows (one sample each, or packed), T tokens per row, S sample
+slots per packed row.
+
+Every loss takes `segment_ids=None` (one sample per row; per-sample arguments
+`[N]`) or packed rows: `segment_ids` int `[N, T]` (s + 1 on the tokens of the
+row's sample slot s, 0 on padding) and per-sample arguments `[N, S]`. Both
+give the same value for the same samples (tests/test_packing.py).
 """
 from __future__ import annotations
 
@@ -10,13 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax.rl.losses.config import FORMS, check_choice
-from kimi_jax.rl.losses.reduce import (check_shapes, reduce_tokens, sample_mean, token_mean,
-                                       token_weights)
+from kimi_jax.rl.losses.reduce import (check_shapes, per_sample, reduce_tokens, sample_mean,
+                                       to_tokens, token_mean, token_weights)
 
 
 def k15_loss(logp, ref_logp, mask, rewards, baseline, tau, *,
              form: str = "squared", normalisation: str = "sequence",
-             sample_mask=None, return_aux: bool = False):
+             sample_mask=None, segment_ids=None, return_aux: bool = False):
   """Kimi k1.5 surrogate (report §2.3.2), mean over samples.
 
   Args:
@@ -36,6 +42,8 @@ def k15_loss(logp, ref_logp, mask, rewards, baseline, tau, *,
       (default: sums, as in the report), 'token' or 'fixed' (package doc).
     sample_mask: optional `[N]`, samples that count (padding slots = 0); the
       mean is then over those samples.
+    segment_ids: optional int `[N, T]`: packed rows (module docstring);
+      rewards, baseline and sample_mask are then `[N, S]`.
     return_aux: also return a dict of scalar diagnostics.
 
   Here A_n = stop_gradient(rewards_n - baseline_n) and
@@ -44,19 +52,20 @@ def k15_loss(logp, ref_logp, mask, rewards, baseline, tau, *,
   Returns:
     the scalar loss, or `(loss, aux)` when return_aux.
   """
-  rewards_N = jnp.asarray(rewards, jnp.asarray(logp).dtype)
-  baseline_N = jnp.asarray(baseline, rewards_N.dtype)
-  check_shapes(rewards=rewards_N, baseline=baseline_N)
-  return k15_surrogate(logp, ref_logp, mask, rewards_N - baseline_N, tau, form=form,
+  rewards = jnp.asarray(rewards, jnp.asarray(logp).dtype)
+  baseline = jnp.asarray(baseline, rewards.dtype)
+  check_shapes(rewards=rewards, baseline=baseline)
+  return k15_surrogate(logp, ref_logp, mask, rewards - baseline, tau, form=form,
                        normalisation=normalisation, sample_mask=sample_mask,
-                       return_aux=return_aux)
+                       segment_ids=segment_ids, return_aux=return_aux)
 
 
 def k15_surrogate(logp, ref_logp, mask, advantages, tau, *, form: str = "squared",
-                  normalisation: str = "sequence", sample_mask=None,
+                  normalisation: str = "sequence", sample_mask=None, segment_ids=None,
                   return_aux: bool = False):
-  """`k15_loss` from precomputed advantages `[N]` A_n (e.g. r - r_bar divided
-  by the group's std, `group_advantages`); the other arguments as there."""
+  """`k15_loss` from precomputed advantages A_n, `[N]` or `[N, S]` (e.g.
+  r - r_bar divided by the group's std, `group_advantages`); the other
+  arguments as there."""
   check_choice("form", form, FORMS)
   if isinstance(tau, (int, float)) and (tau < 0 or (tau == 0 and form == "squared")):
     raise ValueError(f"tau must be > 0 (>= 0 for form='gradient'), got {tau!r}")
@@ -66,33 +75,32 @@ def k15_surrogate(logp, ref_logp, mask, advantages, tau, *, form: str = "squared
   check_shapes(logp=logp_NT, ref_logp=ref_logp_NT, mask=mask_NT)
   if logp_NT.ndim != 2:
     raise ValueError(f"logp must be [N, T], got shape {logp_NT.shape}")
-  adv_N = jax.lax.stop_gradient(jnp.asarray(advantages, logp_NT.dtype))
-  if adv_N.shape != logp_NT.shape[:1]:
-    raise ValueError(f"rewards / advantages must be [N] = {logp_NT.shape[:1]}, got shape "
-                     f"{adv_N.shape}")
+  adv = jax.lax.stop_gradient(
+      per_sample("rewards / advantages", advantages, logp_NT, segment_ids).astype(logp_NT.dtype))
+  seg = dict(segment_ids=segment_ids, num_samples=adv.shape[-1])
 
-  log_ratio_N = reduce_tokens(logp_NT - ref_logp_NT, mask_NT, normalisation)
-  residual_N = adv_N - tau * log_ratio_N
-  squared = sample_mean(jnp.square(residual_N), sample_mask)
+  log_ratio = reduce_tokens(logp_NT - ref_logp_NT, mask_NT, normalisation, **seg)
+  residual = adv - tau * log_ratio
+  squared = sample_mean(jnp.square(residual), sample_mask)
   if form == "squared":
     loss = squared
   else:
-    seq_logp_N = reduce_tokens(logp_NT, mask_NT, normalisation)
-    pg = -sample_mean(adv_N * seq_logp_N, sample_mask)
-    l2 = 0.5 * tau * sample_mean(jnp.square(log_ratio_N), sample_mask)
+    seq_logp = reduce_tokens(logp_NT, mask_NT, normalisation, **seg)
+    pg = -sample_mean(adv * seq_logp, sample_mask)
+    l2 = 0.5 * tau * sample_mean(jnp.square(log_ratio), sample_mask)
     loss = pg + l2
   if not return_aux:
     return loss
   aux = {
       "loss": loss,
       "squared_residual": jax.lax.stop_gradient(squared),
-      "log_ratio_mean": sample_mean(log_ratio_N, sample_mask),
-      "log_ratio_abs_mean": sample_mean(jnp.abs(log_ratio_N), sample_mask),
-      "log_ratio_sq_mean": sample_mean(jnp.square(log_ratio_N), sample_mask),
-      "advantage_mean": sample_mean(adv_N, sample_mask),
-      "advantage_abs_mean": sample_mean(jnp.abs(adv_N), sample_mask),
-      "tokens": jnp.sum(token_weights(mask_NT, sample_mask, logp_NT.dtype)),
-      "neg_logp_token_mean": token_mean(-logp_NT, mask_NT, sample_mask),
+      "log_ratio_mean": sample_mean(log_ratio, sample_mask),
+      "log_ratio_abs_mean": sample_mean(jnp.abs(log_ratio), sample_mask),
+      "log_ratio_sq_mean": sample_mean(jnp.square(log_ratio), sample_mask),
+      "advantage_mean": sample_mean(adv, sample_mask),
+      "advantage_abs_mean": sample_mean(jnp.abs(adv), sample_mask),
+      "tokens": jnp.sum(token_weights(mask_NT, sample_mask, logp_NT.dtype, segment_ids)),
+      "neg_logp_token_mean": token_mean(-logp_NT, mask_NT, sample_mask, segment_ids),
   }
   return loss, jax.tree_util.tree_map(jax.lax.stop_gradient, aux)
 
@@ -101,7 +109,7 @@ def k15_surrogate(logp, ref_logp, mask, advantages, tau, *, form: str = "squared
 
 
 def rest_loss(logp, mask, rewards, *, threshold: float = 0.0,
-              normalisation: str = "sequence", sample_mask=None,
+              normalisation: str = "sequence", sample_mask=None, segment_ids=None,
               return_aux: bool = False):
   """Positive-only (ReST) loss: NLL of the samples with reward > threshold.
 
@@ -110,31 +118,31 @@ def rest_loss(logp, mask, rewards, *, threshold: float = 0.0,
   s_n = reduce_t mask * logp (see `normalisation`) and
   sel_n = (rewards_n > threshold) [* sample_mask_n].
 
-  Shapes: logp, mask `[N, T]`; rewards `[N]`. With the default threshold 0,
-  correct answers (total reward ~1) are kept and wrong ones (<= 0) dropped.
+  Shapes: logp, mask `[N, T]`; rewards `[N]` (`[N, S]` with segment_ids).
+  With the default threshold 0, correct answers (total reward ~1) are kept
+  and wrong ones (<= 0) dropped.
   """
   logp_NT = jnp.asarray(logp)
   check_shapes(logp=logp_NT, mask=mask)
-  rewards_N = jnp.asarray(rewards)
-  if rewards_N.shape != logp_NT.shape[:1]:
-    raise ValueError(f"rewards must be [N] = {logp_NT.shape[:1]}, got shape "
-                     f"{rewards_N.shape}")
-  sel_N = (rewards_N > threshold).astype(logp_NT.dtype)
+  rewards = per_sample("rewards", rewards, logp_NT, segment_ids)
+  sel = (rewards > threshold).astype(logp_NT.dtype)
   if sample_mask is not None:
-    check_shapes(rewards=rewards_N, sample_mask=sample_mask)
-    sel_N = sel_N * jnp.asarray(sample_mask).astype(logp_NT.dtype)
-  seq_logp_N = reduce_tokens(logp_NT, mask, normalisation)
-  n_sel = jnp.sum(sel_N)
-  loss = -jnp.sum(sel_N * seq_logp_N) / jnp.maximum(n_sel, 1.0)
+    check_shapes(rewards=rewards, sample_mask=sample_mask)
+    sel = sel * jnp.asarray(sample_mask).astype(logp_NT.dtype)
+  seq_logp = reduce_tokens(logp_NT, mask, normalisation, segment_ids=segment_ids,
+                           num_samples=rewards.shape[-1])
+  n_sel = jnp.sum(sel)
+  loss = -jnp.sum(sel * seq_logp) / jnp.maximum(n_sel, 1.0)
   if not return_aux:
     return loss
-  return loss, {"loss": loss, "selected_fraction": n_sel / sel_N.shape[0]}
+  valid = sel.size if sample_mask is None else jnp.maximum(jnp.sum(sample_mask), 1.0)
+  return loss, {"loss": loss, "selected_fraction": n_sel / valid}
 
 
 def ppo_clip_loss(logp, behaviour_logp, mask, advantages, *,
                   clip_eps: float = 0.2, clip_eps_high: Optional[float] = None,
                   normalisation: str = "token", ref_logp=None,
-                  kl_coef: float = 0.0, sample_mask=None,
+                  kl_coef: float = 0.0, sample_mask=None, segment_ids=None,
                   return_aux: bool = False):
   """PPO-clip / GRPO policy loss for comparison (not in the report).
 
@@ -145,23 +153,23 @@ def ppo_clip_loss(logp, behaviour_logp, mask, advantages, *,
   `ref_logp`, required when kl_coef > 0).
 
   Shapes: logp, behaviour_logp, mask (and ref_logp) `[N, T]`; advantages `[N]`
-  (e.g. `group_advantages(rewards_GK, std_normalise=True).reshape(-1)`).
-  Default normalisation 'token' is GRPO's per-sample token mean.
+  (`[N, S]` with segment_ids; e.g. `group_advantages(rewards_GK,
+  std_normalise=True).reshape(-1)`). Default normalisation 'token' is GRPO's
+  per-sample token mean.
   """
   logp_NT = jnp.asarray(logp)
   beh_NT = jax.lax.stop_gradient(jnp.asarray(behaviour_logp))
   check_shapes(logp=logp_NT, behaviour_logp=beh_NT, mask=mask)
-  adv_N = jax.lax.stop_gradient(jnp.asarray(advantages, logp_NT.dtype))
-  if adv_N.shape != logp_NT.shape[:1]:
-    raise ValueError(f"advantages must be [N] = {logp_NT.shape[:1]}, got "
-                     f"shape {adv_N.shape}")
+  adv = jax.lax.stop_gradient(
+      per_sample("advantages", advantages, logp_NT, segment_ids).astype(logp_NT.dtype))
+  seg = dict(segment_ids=segment_ids, num_samples=adv.shape[-1])
   high = clip_eps if clip_eps_high is None else clip_eps_high
   ratio_NT = jnp.exp(logp_NT - beh_NT)
-  adv_NT = adv_N[:, None]
+  adv_NT = to_tokens(adv, segment_ids)
   unclipped_NT = ratio_NT * adv_NT
   clipped_NT = jnp.clip(ratio_NT, 1.0 - clip_eps, 1.0 + high) * adv_NT
   obj_NT = jnp.minimum(unclipped_NT, clipped_NT)
-  pg = -sample_mean(reduce_tokens(obj_NT, mask, normalisation), sample_mask)
+  pg = -sample_mean(reduce_tokens(obj_NT, mask, normalisation, **seg), sample_mask)
   loss = pg
   kl = jnp.zeros((), logp_NT.dtype)
   if ref_logp is not None:
@@ -169,7 +177,7 @@ def ppo_clip_loss(logp, behaviour_logp, mask, advantages, *,
     check_shapes(logp=logp_NT, ref_logp=ref_NT)
     d_NT = ref_NT - logp_NT
     k3_NT = jnp.exp(d_NT) - d_NT - 1.0
-    kl = sample_mean(reduce_tokens(k3_NT, mask, normalisation), sample_mask)
+    kl = sample_mean(reduce_tokens(k3_NT, mask, normalisation, **seg), sample_mask)
     loss = loss + kl_coef * kl
   elif isinstance(kl_coef, (int, float)) and kl_coef != 0:
     raise ValueError("ppo_clip_loss: kl_coef > 0 needs ref_logp")
@@ -181,9 +189,9 @@ def ppo_clip_loss(logp, behaviour_logp, mask, advantages, *,
       "loss": loss,
       "pg_loss": pg,
       "kl": kl,
-      "clip_fraction": token_mean(clipped_frac, mask, sample_mask),
-      "ratio_mean": token_mean(ratio_NT, mask, sample_mask),
+      "clip_fraction": token_mean(clipped_frac, mask, sample_mask, segment_ids),
+      "ratio_mean": token_mean(ratio_NT, mask, sample_mask, segment_ids),
       # k3 estimate of KL(behaviour || policy), per token.
-      "approx_kl": token_mean(ratio_NT - 1.0 - log_rho_NT, mask, sample_mask),
+      "approx_kl": token_mean(ratio_NT - 1.0 - log_rho_NT, mask, sample_mask, segment_ids),
   }
   return loss, jax.tree_util.tree_map(jax.lax.stop_gradient, aux)

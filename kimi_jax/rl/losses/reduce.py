@@ -1,7 +1,15 @@
 """Small loss math: per-sample reductions of token terms, masks, group statistics.
 
-Axis legend: N samples, T tokens per sample, G prompts (groups), K samples
-per prompt.
+Axis legend: N rows, T tokens per row, S sample slots per packed row, G
+prompts (groups), K samples per prompt.
+
+Rows are either one sample each (per-sample arrays `[N]`) or packed: several
+samples laid end to end in a row, `segment_ids[n, t]` = s + 1 for a token of
+the row's sample slot s and 0 for padding, per-sample arrays `[N, S]`
+(package docstring). The reductions here are the only place the two layouts
+differ: a sum over the row, or a sum per segment (a masked sum against the
+`[N, T, S]` one-hot of the segment ids, elementwise so it stays float32-exact
+on every backend; S is static).
 """
 from __future__ import annotations
 
@@ -26,22 +34,63 @@ def check_shapes(**arrays) -> None:
                        f"{jnp.shape(a0)}")
 
 
-def reduce_tokens(x_NT: Array, mask_NT: Array,
-                  normalisation: str = "sequence") -> Array:
-  """Masked per-sample reduction `[N, T] -> [N]` (see module docstring)."""
+def segment_onehot(segment_ids_NT: Array, num_samples: int, dtype) -> Array:
+  """`[N, T, S]`: 1 where token t of row n belongs to sample slot s."""
+  slots_S = jnp.arange(1, num_samples + 1, dtype=jnp.asarray(segment_ids_NT).dtype)
+  return (jnp.asarray(segment_ids_NT)[..., None] == slots_S[None, None, :]).astype(dtype)
+
+
+def per_sample_sum(x_NT: Array, segment_ids: Optional[Array] = None,
+                   num_samples: int = 1) -> Array:
+  """Sum of each sample's token values: `[N]` (one sample per row, no
+  segment ids) or `[N, S]` (packed rows)."""
+  if segment_ids is None:
+    return jnp.sum(x_NT, axis=-1)
+  check_shapes(x=x_NT, segment_ids=segment_ids)
+  return jnp.sum(x_NT[..., None] * segment_onehot(segment_ids, num_samples, x_NT.dtype), axis=1)
+
+
+def to_tokens(v, segment_ids: Optional[Array] = None) -> Array:
+  """A per-sample value `[N]` (or `[N, S]` with segment ids) at each of the
+  sample's tokens: `[N, 1]` (broadcasts over T) or `[N, T]` (0 on padding)."""
+  v = jnp.asarray(v)
+  if segment_ids is None:
+    return v[:, None]
+  onehot_NTS = segment_onehot(segment_ids, v.shape[-1], v.dtype)
+  return jnp.sum(onehot_NTS * v[:, None, :], axis=-1)
+
+
+def reduce_tokens(x_NT: Array, mask_NT: Array, normalisation: str = "sequence", *,
+                  segment_ids: Optional[Array] = None, num_samples: int = 1) -> Array:
+  """Masked per-sample reduction `[N, T] -> [N]`, or `-> [N, S]` over packed
+  rows with `segment_ids` and `num_samples` = S (package docstring)."""
   check_choice("normalisation", normalisation, NORMALISATIONS)
   check_shapes(x=x_NT, mask=mask_NT)
   mask_NT = jnp.asarray(mask_NT).astype(x_NT.dtype)
-  total_N = jnp.sum(mask_NT * x_NT, axis=-1)
+  total = per_sample_sum(mask_NT * x_NT, segment_ids, num_samples)
   if normalisation == "sequence":
-    return total_N
+    return total
   if normalisation == "token":
-    return total_N / jnp.maximum(jnp.sum(mask_NT, axis=-1), 1.0)
-  return total_N / x_NT.shape[-1]
+    return total / jnp.maximum(per_sample_sum(mask_NT, segment_ids, num_samples), 1.0)
+  return total / x_NT.shape[-1]
+
+
+def per_sample(name: str, value, logp_NT: Array, segment_ids: Optional[Array]) -> Array:
+  """`value` as a per-sample array, checked: `[N]`, or `[N, S]` with segment ids."""
+  value = jnp.asarray(value)
+  n = logp_NT.shape[0]
+  if segment_ids is None:
+    if value.shape != (n,):
+      raise ValueError(f"{name} must be [N] = ({n},), got shape {value.shape}")
+  elif value.ndim != 2 or value.shape[0] != n:
+    raise ValueError(f"{name} must be [N, S] with N = {n} (packed rows: segment_ids given), "
+                     f"got shape {value.shape}")
+  return value
 
 
 def sample_mean(x_N: Array, sample_mask_N: Optional[Array] = None) -> Array:
-  """Mean over samples, optionally over the samples with sample_mask != 0."""
+  """Mean over samples (`[N]` or `[N, S]`), optionally over the samples with
+  sample_mask != 0."""
   if sample_mask_N is None:
     return jnp.mean(x_N)
   check_shapes(x=x_N, sample_mask=sample_mask_N)
@@ -98,14 +147,15 @@ def _baseline(rewards_GK: np.ndarray, leave_one_out: bool) -> np.ndarray:
 # ------------------------------------------------------------ diagnostics
 
 
-def token_weights(mask_NT, sample_mask_N, dtype):
+def token_weights(mask_NT, sample_mask, dtype, segment_ids=None):
+  """`[N, T]`: the loss mask, zeroed on the tokens of samples with sample_mask 0."""
   w_NT = jnp.asarray(mask_NT).astype(dtype)
-  if sample_mask_N is not None:
-    w_NT = w_NT * jnp.asarray(sample_mask_N).astype(dtype)[:, None]
+  if sample_mask is not None:
+    w_NT = w_NT * to_tokens(jnp.asarray(sample_mask).astype(dtype), segment_ids)
   return w_NT
 
 
-def token_mean(x_NT, mask_NT, sample_mask_N):
+def token_mean(x_NT, mask_NT, sample_mask, segment_ids=None):
   """Mean of x over all selected tokens of the batch (diagnostics only)."""
-  w_NT = token_weights(mask_NT, sample_mask_N, x_NT.dtype)
+  w_NT = token_weights(mask_NT, sample_mask, x_NT.dtype, segment_ids)
   return jnp.sum(w_NT * x_NT) / jnp.maximum(jnp.sum(w_NT), 1.0)
