@@ -59,7 +59,7 @@ class Batch:
 
 
 # Which response tokens enter the loss under partial rollouts (config key
-# rl.loss_segments; README "Which tokens train"). A response sampled over
+# rl.loss_segments; README "The RL update"). A response sampled over
 # iterations n-m..n is a chain of segments; only the segment drawn at the
 # training iteration n comes from the iteration-start policy pi_theta_n.
 LOSS_SEGMENTS = ("all", "current_iteration", "last_segment")
@@ -118,7 +118,7 @@ def pack(lengths: Sequence[int], rows: int, length: int,
     order = sorted(order, key=lambda i: -lengths[i])
   used, count = [0] * rows, [0] * rows
   out = [None] * len(lengths)
-  first_open = 0  # rows before it are full (S samples or no room for the shortest)
+  first_open = 0  # rows before it hold samples_per_row samples already
   for i in order:
     n = lengths[i]
     if n > length:

@@ -128,7 +128,7 @@ class RLExtras:
 
   minibatch_size: samples per optimizer step.
   loss_segments: which response tokens enter the loss under partial
-    rollouts (`batch.LOSS_SEGMENTS`, README "Which tokens train"). Default
+    rollouts (`batch.LOSS_SEGMENTS`, README "The RL update"). Default
     'current_iteration': only the segment generated in the training
     iteration was drawn by the iteration-start policy (report §2.6.2), and a
     group is trained only once all k samples finished, so a sample that
