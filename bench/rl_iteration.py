@@ -22,6 +22,8 @@ flags.DEFINE_integer("iterations", 3, "Timed iterations (after one compiling ite
 flags.DEFINE_integer("microbatch", 8, "Samples per forward/backward pass (8: fastest of 8-128 here).")
 flags.DEFINE_integer("length_multiple", 16, "Training sequence length rounding.")
 flags.DEFINE_integer("decode_phases", 4, "Rollout decode over a cache grown in this many steps.")
+flags.DEFINE_integer("samples_per_row", 1, "Samples packed per training row (rl.samples_per_row; "
+                     "the 136-token samples here fill a row alone).")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 FLAGS = flags.FLAGS
 
@@ -84,18 +86,24 @@ def main(argv):
     total = rewards.total_reward(task, lengths, finish, it,
                                  rewards.RewardConfig(truncated_reward=None))
     mbs = batch_lib.make_minibatches(groups, total, minibatch_size=PROMPTS * K,
-                                     length_multiple=FLAGS.length_multiple)
+                                     loss_segments="all", iteration=it,
+                                     length_multiple=FLAGS.length_multiple,
+                                     samples_per_row=FLAGS.samples_per_row)
     t2 = time.perf_counter()
     # One minibatch: its reference log-probs come from the first step's own
     # forward pass (params are theta_i then); later minibatches need a pass.
-    refs = [np.zeros_like(mbs[0]["mask_NT"])] + [ref_logprobs(params, mb["tokens_NT"])
-                                                 for mb in mbs[1:]]
+    refs = [np.zeros_like(mbs[0]["mask_NT"])] + [
+        ref_logprobs(params, mb["tokens_NT"], mb["positions_NT"], mb["segment_ids_NT"])
+        for mb in mbs[1:]]
     jax.block_until_ready(refs)
     t3 = time.perf_counter()
     tstate = TrainState(params=params, opt_state=set_learning_rate(optimizer.init(params), 1e-5),
                         step=step, skipped=skipped)
+    computed = in_samples = 0.0
     for j, (mb, ref) in enumerate(zip(mbs, refs)):
       tstate, metrics = train_step(tstate, batch_lib.to_batch(mb, ref), ref_is_current=j == 0)
+      computed += float(metrics["train/tokens_computed"])
+      in_samples += float(metrics["train/tokens_in_samples"])
     jax.block_until_ready(tstate)
     params, step, skipped = tstate.params, tstate.step, tstate.skipped
     t4 = time.perf_counter()
@@ -109,6 +117,8 @@ def main(argv):
   report = dict(bench="rl_iteration", params_millions=round(cfg.num_params() / 1e6, 3),
                 prompts=PROMPTS, k=K, new_tokens=NEW, train_tokens_per_sample=mbs[0]["tokens_NT"].shape[1],
                 microbatch=FLAGS.microbatch, decode_phases=FLAGS.decode_phases,
+                samples_per_row=FLAGS.samples_per_row,
+                padding_fraction=round(1.0 - in_samples / computed, 3),
                 first_iteration_s=round(compile_s, 2),
                 **{k: round(statistics.median(v), 3) for k, v in phases.items()},
                 target_total_s=4.7, peers={"trl_grpo_s": 9.4, "tunix_grpo_s": 17.5})

@@ -76,7 +76,8 @@ def main(argv):
 
   from kimi_jax.models.transformer import ModelConfig, init_params
   from kimi_jax.rl import losses
-  from kimi_jax.rl.update import Batch, TrainState, UpdateConfig, make_optimizer, make_train_step
+  from kimi_jax.rl.batch import Batch
+  from kimi_jax.rl.update import TrainState, UpdateConfig, make_optimizer, make_train_step
 
   cfg = ModelConfig(**MODEL)
   B, T = FLAGS.batch, FLAGS.seq_len
@@ -94,10 +95,12 @@ def main(argv):
   mask[:, : T // 4] = 0.0  # a prompt quarter outside the loss
   rewards = rng.integers(0, 2, B).astype(np.float32)
   batch = jax.device_put(Batch(
-      tokens_NT=rng.integers(3, cfg.vocab_size, (B, T)).astype(np.int32), mask_NT=mask,
-      ref_logp_NT=np.full((B, T), -3.0, np.float32), rewards_N=rewards,
-      baseline_N=np.full(B, rewards.mean(), np.float32), advantages_N=rewards - rewards.mean(),
-      sample_mask_N=np.ones(B, np.float32)))
+      tokens_NT=rng.integers(3, cfg.vocab_size, (B, T)).astype(np.int32),
+      positions_NT=np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+      segment_ids_NT=np.ones((B, T), np.int32), mask_NT=mask,
+      ref_logp_NT=np.full((B, T), -3.0, np.float32),
+      behaviour_logp_NT=np.full((B, T), -3.0, np.float32), rewards_NS=rewards[:, None],
+      advantages_NS=(rewards - rewards.mean())[:, None], sample_mask_NS=np.ones((B, 1), np.float32)))
 
   t = time.perf_counter()
   state, metrics = jax.block_until_ready(step(state, batch))

@@ -75,10 +75,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       prompt_eps=0.05,
       curriculum="none",  # none | two_phase | linear
       hard_from_iteration=0, hard_min_difficulty=0.5,
+      task_reward="binary",  # 1 for a correct answer (exact match), else 0
       length_penalty_weight=0.2, length_penalty_start=60,  # warm-up: off for the first half
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=96,  # samples per optimizer step; extra samples give extra steps
-      train_old_segments=True))
+      # Up to 4 finished samples share a 160-token training row (~40-token samples):
+      # the update computes ~2 of 6 microbatches (bench/rl_update.py; README).
+      samples_per_row=4,
+      # Whole responses train, carried-over segments too (most responses fit one
+      # 64-token segment). The library default 'current_iteration' trains only the
+      # tokens of this iteration's policy.
+      loss_segments="all"))
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=5e-5, warmup_iterations=0, b1=0.9, b2=0.95, weight_decay=0.0,

@@ -70,10 +70,14 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
       # Needs a difficulty on every prompt; --config.rl.curriculum=none otherwise.
       curriculum="two_phase",
       hard_from_iteration=int(0.6 * total_iterations), hard_min_difficulty=0.5,
+      task_reward="binary",  # binary: code passes ALL tests (report) | fraction: partial credit
       length_penalty_weight=0.2, length_penalty_start=total_iterations // 4,
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=minibatch_size,
-      train_old_segments=False))  # only the current segment is on-policy
+      # Finished samples of very different lengths share max_length rows, up to 8 a
+      # row, instead of each being padded to max_length (rl/batch.py).
+      samples_per_row=8,
+      loss_segments="current_iteration"))  # only this iteration's tokens are on-policy
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=learning_rate, warmup_iterations=0, b1=0.9, b2=0.95, weight_decay=0.0,

@@ -167,14 +167,6 @@ def test_sample_mask_drops_padding_slots():
   np.testing.assert_allclose(masked, sliced, rtol=1e-6)
 
 
-def test_current_segment_mask():
-  it_NT = np.array([[-1, 2, 2, 3, 3], [3, 3, 3, -1, -1]])
-  resp_NT = np.array([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
-  np.testing.assert_array_equal(
-      losses.current_segment_mask(it_NT, 3, resp_NT),
-      [[0, 0, 0, 1, 1], [1, 1, 1, 0, 0]])
-
-
 def test_bad_options_raise():
   logp, ref, mask, r, b = _random_batch(7)
   with pytest.raises(ValueError, match="form"):
@@ -241,15 +233,68 @@ def test_dpo_loss_hand_values():
   np.testing.assert_array_equal(g_ref, 0.0)
 
 
+def _as_batch(logp, ref, mask, r, adv, behaviour=None):
+  """One sample per row (segment 1 on every token), per-sample fields [N, 1]."""
+  from kimi_jax.rl.batch import Batch
+  n, t = logp.shape
+  return Batch(tokens_NT=np.zeros((n, t), np.int32),
+               positions_NT=np.tile(np.arange(t, dtype=np.int32), (n, 1)),
+               segment_ids_NT=np.ones((n, t), np.int32), mask_NT=mask.astype(np.float32),
+               ref_logp_NT=ref, behaviour_logp_NT=ref if behaviour is None else behaviour,
+               rewards_NS=r[:, None], advantages_NS=adv[:, None],
+               sample_mask_NS=np.ones((n, 1), np.float32))
+
+
 @pytest.mark.parametrize("algorithm", losses.ALGORITHMS)
 def test_policy_loss_dispatch(algorithm):
-  logp, ref, mask, r, _ = _random_batch(9)
-  rewards_GK = r.reshape(3, 4)
+  """The one dispatcher picks the loss and feeds it the batch's fields."""
+  logp, ref, mask, r, b = _random_batch(9)
+  adv = losses.group_advantages(r.reshape(3, 4)).reshape(-1)
   cfg = losses.LossConfig(algorithm=algorithm, tau=0.3)
-  loss, aux = jax.jit(lambda *a: losses.policy_loss(cfg, *a, return_aux=True))(
-      logp, ref, mask, rewards_GK)
+  batch = _as_batch(logp, ref, mask, r, adv)
+  loss, aux = jax.jit(lambda lp, bt: losses.policy_loss(cfg, lp, bt, return_aux=True))(logp, batch)
   assert np.isfinite(float(loss)) and float(aux["loss"]) == float(loss)
-  if algorithm == "k15":
-    b = np.repeat(rewards_GK.mean(1), 4)
-    np.testing.assert_allclose(
-        loss, losses.k15_loss(logp, ref, mask, r, b, 0.3), rtol=1e-6)
+  want = {"k15": lambda: losses.k15_loss(logp, ref, mask, r, b, 0.3),
+          "rest": lambda: losses.rest_loss(logp, mask, r),
+          "ppo": lambda: losses.ppo_clip_loss(logp, ref, mask, adv, normalisation="sequence")}
+  np.testing.assert_allclose(loss, want[algorithm](), rtol=1e-6)
+
+
+def test_ppo_ratio_is_to_the_behaviour_policy_and_kl_to_the_reference():
+  """A segment carried over from an older iteration was drawn by an older
+  policy: its recorded behaviour log-probs, not the iteration-start policy,
+  are the denominator of PPO's ratio; the KL term still anchors to the
+  iteration-start policy (the reference)."""
+  logp, _, mask, r, _ = _random_batch(11)
+  adv = losses.group_advantages(r.reshape(3, 4)).reshape(-1)
+  ref = logp  # the first step of an iteration: theta = theta_i
+  behaviour = (logp - 0.3).astype(np.float32)  # the old policy found these tokens less likely
+  cfg = losses.LossConfig(algorithm="ppo", kl_coef=0.5)
+  loss, aux = losses.policy_loss(cfg, logp, _as_batch(logp, ref, mask, r, adv, behaviour),
+                                 return_aux=True)
+  want = losses.ppo_clip_loss(logp, behaviour, mask, adv, normalisation="sequence")
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(aux["ratio_mean"], np.exp(0.3), rtol=1e-5)
+  assert float(aux["kl"]) == 0.0  # theta == theta_i: no KL to the reference
+
+
+def test_advantage_std_norm_reaches_the_k15_loss():
+  """With advantage_std_norm the loss sees (r - r_bar) / std: at l = 0 the
+  k1.5 loss is mean A^2, i.e. 1 per sample of a group with mixed rewards."""
+  logp, _, mask, _, _ = _random_batch(10, g=2, k=4)
+  rewards_GK = np.array([[1.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2]], np.float32)
+  adv_GK = losses.group_advantages(rewards_GK, std_normalise=True)
+  np.testing.assert_allclose(adv_GK[0], np.array([0.75, -0.25, -0.25, -0.25]) / np.sqrt(0.1875),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(adv_GK[1], 0.0)
+  batch = _as_batch(logp, logp, mask, rewards_GK.reshape(-1), adv_GK.reshape(-1))
+  loss = losses.policy_loss(losses.LossConfig(advantage_std_norm=True), logp, batch)
+  np.testing.assert_allclose(loss, 4 * 1.0 / 8, rtol=1e-4)
+
+
+def test_options_an_algorithm_would_ignore_are_errors():
+  with pytest.raises(ValueError, match="advantage_std_norm has no effect with algorithm='rest'"):
+    losses.LossConfig(algorithm="rest", advantage_std_norm=True)
+  with pytest.raises(ValueError, match="kl_coef applies to algorithm='ppo' only"):
+    losses.LossConfig(algorithm="k15", kl_coef=0.1)
+  assert losses.LossConfig(algorithm="ppo", kl_coef=0.1, advantage_std_norm=True).kl_coef == 0.1

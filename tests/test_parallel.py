@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kimi_jax import parallel
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_params
 from kimi_jax.rl import losses
-from kimi_jax.rl.update import (Batch, TrainState, UpdateConfig, make_optimizer, make_ref_logprobs,
+from kimi_jax.rl.batch import Batch
+from kimi_jax.rl.update import (TrainState, UpdateConfig, make_optimizer, make_ref_logprobs,
                                 make_train_step, set_learning_rate)
 from kimi_jax.sampling import generate
 from kimi_jax.sampling.sampler import decode, SamplingConfig
@@ -45,11 +46,13 @@ def make_batch(seed=0):
   mask = np.zeros((N, T), np.float32)
   mask[:, 4:] = 1.0
   rewards = rng.integers(0, 2, N).astype(np.float32)
-  baseline = np.repeat(rewards.reshape(4, 4).mean(1), 4)
+  advantages = losses.group_advantages(rewards.reshape(4, 4)).reshape(-1)
   sample_mask = np.ones(N, np.float32)
   sample_mask[-2:] = 0.0
-  return dict(tokens_NT=tokens, mask_NT=mask, rewards_N=rewards, baseline_N=baseline,
-              advantages_N=rewards - baseline, sample_mask_N=sample_mask)
+  return dict(tokens_NT=tokens, positions_NT=np.tile(np.arange(T, dtype=np.int32), (N, 1)),
+              segment_ids_NT=np.ones((N, T), np.int32), mask_NT=mask,
+              behaviour_logp_NT=np.zeros((N, T), np.float32), rewards_NS=rewards[:, None],
+              advantages_NS=advantages[:, None], sample_mask_NS=sample_mask[:, None])
 
 
 def test_mesh_config_resolves_and_names_both_numbers():

@@ -54,8 +54,21 @@ def test_unseen_prompts_get_init_value_and_ema_updates():
   np.testing.assert_allclose(sampler.success_rate, [0.3, 0.3, 0.3])
   sampler.update(1, [1.0, 0.0, 0.0, 0.0])  # first group replaces init
   sampler.update(1, [1.0, 1.0, 1.0, 1.0])  # EMA: 0.5 * 0.25 + 0.5 * 1
-  sampler.update_groups([2], [[0.9, 0.6]])  # > 0.5 counts as success
-  np.testing.assert_allclose(sampler.success_rate, [0.3, 0.625, 1.0])
+  sampler.update_groups([2], [[True, False]])
+  np.testing.assert_allclose(sampler.success_rate, [0.3, 0.625, 0.5])
+
+
+def test_success_is_correctness_not_a_reward_threshold():
+  """The sampler takes `rewards.is_correct` of each sample: a verifier score
+  of 0.9 (e.g. 9 of 10 code tests) is a failure for the reward, so it must
+  not count as a success here (it did with the old 0.5 threshold)."""
+  from kimi_jax.rl import rewards
+  sampler = PromptSampler(_meta(2))
+  scores_K = np.array([0.9, 0.6, 1.0, 0.0])
+  with pytest.raises(ValueError, match="correct_k must be booleans"):
+    sampler.update(0, scores_K)
+  sampler.update(1, rewards.is_correct(scores_K))
+  np.testing.assert_allclose(sampler.success_rate[1], 0.25)
 
 
 def test_uniform_mode_ignores_stats():

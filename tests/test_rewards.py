@@ -82,6 +82,29 @@ def test_total_reward_truncated_keeps_verifier_when_none():
   np.testing.assert_allclose(out, [[-0.25, 1.0]])
 
 
+def test_correctness_is_one_definition_binary_by_default():
+  """Code scores are pass fractions; the reward is binary unless
+  task_reward='fraction', and correctness (full marks, not cut) is the same
+  either way and drives the length penalty."""
+  scores_GK = np.array([[1.0, 0.6, 0.0, 1.0]])  # the last one is cut by max_length
+  lengths_GK = np.array([[50, 10, 30, 90]])
+  finish_GK = [["eos", "eos", "eos", "max_length"]]
+  binary = rewards.total_reward(scores_GK, lengths_GK, finish_GK, 0, rewards.RewardConfig())
+  np.testing.assert_allclose(binary, [[1.0, 0.0, 0.0, 0.0]])
+  np.testing.assert_array_equal(rewards.is_correct(scores_GK), [[True, False, False, True]])
+  cfg = rewards.RewardConfig(task_reward="fraction", length_penalty_weight=1.0)
+  total, parts = rewards.total_reward(scores_GK, lengths_GK, finish_GK, 0, cfg,
+                                      return_parts=True)
+  np.testing.assert_array_equal(parts["correct"], [[True, False, False, False]])
+  np.testing.assert_allclose(parts["task"], [[1.0, 0.6, 0.0, 0.0]])
+  # lambda = 0.5 - (len - 10) / 80 = [0, 0.5, 0.25, -0.5]: the short 0.6 one
+  # is not correct, so it gets min(0, 0.5) = 0, not a length bonus.
+  np.testing.assert_allclose(parts["length"], [[0.0, 0.0, 0.0, -0.5]])
+  np.testing.assert_allclose(total, [[1.0, 0.6, 0.0, -0.5]])
+  with pytest.raises(ValueError, match="task_reward"):
+    rewards.RewardConfig(task_reward="partial")
+
+
 def test_total_reward_rejects_running_and_bad_codes():
   cfg = rewards.RewardConfig()
   with pytest.raises(ValueError, match="RUNNING"):

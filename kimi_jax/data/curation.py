@@ -107,11 +107,12 @@ class CurationConfig:
 
 
 def default_checker(math_timeout_s: float = 5.0, code_timeout_s: float = 5.0) -> Checker:
-  """Correct iff the trainer's reward for the response is 1 (all tests, for code)."""
+  """Correct iff `rewards.is_correct` of the verifier's score (all tests, for code): the
+  trainer's definition."""
   from kimi_jax.rl import rewards  # pylint: disable=g-import-not-at-top
   verifier = rewards.PromptVerifier(math_timeout_s=math_timeout_s,
                                     code_timeout_s=code_timeout_s)
-  return lambda prompt, response: verifier(prompt, response) >= 1.0
+  return lambda prompt, response: bool(rewards.is_correct(verifier(prompt, response)))
 
 
 # ------------------------------------------------------------------ curation

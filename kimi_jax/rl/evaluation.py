@@ -1,4 +1,9 @@
-"""Held-out evaluation: pass@1 and response length, overall and per difficulty."""
+"""Held-out evaluation: pass@1 and response length, overall and per difficulty.
+
+pass@1 counts a response as correct by `rewards.is_correct` of its verifier
+score, the definition the RL reward uses (so a code response passing 3 of 4
+tests is wrong here too, whatever `RewardConfig.task_reward` says).
+"""
 from __future__ import annotations
 
 import collections
@@ -6,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from kimi_jax.rl.rewards import apply_verifier
+from kimi_jax.rl.rewards import apply_verifier, is_correct
 from kimi_jax.sampling import generate
 
 
@@ -31,9 +36,10 @@ def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[in
     problems: objects with `.prompt` (str) and `.difficulty` (int, float,
       or None: not in any per-difficulty metric).
     encode / decode: text <-> token ids (decode stops at eos).
-    score: (problem, response text) -> 1.0 correct / 0.0 wrong (a pass
-      fraction for code). Run through `rewards.apply_verifier`, so a failing
-      verifier scores 0 and is counted, never ending the run.
+    score: (problem, response text) -> verifier score in [0, 1] (1/0, a
+      pass fraction for code); correct = `rewards.is_correct(score)`. Run
+      through `rewards.apply_verifier`, so a failing verifier scores 0 and is
+      counted, never ending the run.
     max_new_tokens: response budget per problem.
     verifier_workers: responses scored in parallel.
     layout: the sampling `parallel.Layout` that `params` are in, or None.
@@ -59,7 +65,8 @@ def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[in
       scored = apply_verifier(score, chunk_problems, [decode(out) for out in outs],
                               max_workers=verifier_workers)
       errors += sum(scored.errors.values())
-      for p, out, value in zip(chunk_problems, outs, scored.rewards.tolist()):
+      correct = is_correct(scored.rewards).astype(np.float64).tolist()
+      for p, out, value in zip(chunk_problems, outs, correct):
         bucket = difficulty_bucket(p.difficulty)
         for key in ("all",) + ((bucket,) if bucket is not None else ()):
           acc[key].append(value)

@@ -14,7 +14,9 @@ Host-side and numpy only. Two independent parts:
   1 - SFT pass rate).
 - weighting among the eligible prompts: 'uniform', or 'prioritized' with
   weight (1 - s_i) + eps, s_i the prompt's success rate (impl. note 9).
-  Success rates come from finished groups via `update`; an unseen prompt has
+  Success rates come from finished groups via `update`, which takes each
+  sample's correctness (`rewards.is_correct`, the same definition the reward
+  uses: `parts["correct"]` of `rewards.total_reward`); an unseen prompt has
   s = `init_success`. If every weight is 0 (eps = 0 and all s = 1) the
   draw falls back to uniform.
 
@@ -57,7 +59,6 @@ class PromptSamplerConfig:
   stat: 'ema' (s <- (1 - ema_rate) s + ema_rate * group success fraction; the
     first observation replaces init_success) or 'mean' (all samples ever seen).
   ema_rate: in (0, 1], weight of the newest group in the EMA.
-  success_threshold: a sample with reward > this counts as a success.
   replace: sample with replacement within one call (module docstring).
   curriculum: 'none' | 'two_phase' | 'linear' (module docstring).
   hard_from_iteration, hard_min_difficulty: 'two_phase' switch iteration and
@@ -69,7 +70,6 @@ class PromptSamplerConfig:
   init_success: float = 0.5
   stat: str = "ema"
   ema_rate: float = 0.5
-  success_threshold: float = 0.5
   replace: bool = False
   curriculum: str = "none"
   hard_from_iteration: int = 0
@@ -89,7 +89,6 @@ class PromptSamplerConfig:
     self._number("ema_rate", lo=0.0, hi=1.0)
     if self.ema_rate == 0:
       raise ValueError("PromptSamplerConfig.ema_rate must be in (0, 1], got 0")
-    self._number("success_threshold")
     self._number("hard_min_difficulty")
     self._number("start_max_difficulty")
     self._number("end_max_difficulty")
@@ -241,20 +240,24 @@ class PromptSampler:
 
   # ----------------------------------------------------------------- updates
 
-  def update(self, prompt_idx: int, rewards_k) -> None:
-    """Records one finished group: the K rewards of prompt `prompt_idx`."""
+  def update(self, prompt_idx: int, correct_k) -> None:
+    """Records one finished group: whether each of the K samples of prompt
+    `prompt_idx` is correct (bool, or 0/1; `rewards.is_correct`)."""
     if (not isinstance(prompt_idx, numbers.Integral)
         or not 0 <= prompt_idx < len(self.ids)):
       raise ValueError(f"update: prompt_idx must be an int in "
                        f"[0, {len(self.ids)}), got {prompt_idx!r}")
-    rewards_K = np.asarray(rewards_k, np.float64)
-    if rewards_K.ndim != 1 or rewards_K.size == 0:
-      raise ValueError(f"update: rewards_k must be a non-empty 1-D array, got "
-                       f"shape {rewards_K.shape}")
-    if not np.all(np.isfinite(rewards_K)):
-      raise ValueError(f"update: rewards_k must be finite, got {rewards_K}")
-    successes = float(np.sum(rewards_K > self.config.success_threshold))
-    frac = successes / rewards_K.size
+    correct_K = np.asarray(correct_k)
+    if correct_K.ndim != 1 or correct_K.size == 0:
+      raise ValueError(f"update: correct_k must be a non-empty 1-D array, got "
+                       f"shape {correct_K.shape}")
+    if correct_K.dtype != bool and not np.all(np.isin(correct_K, (0, 1))):
+      # A reward (partial credit, length bonus) here would be a second
+      # definition of success.
+      raise ValueError(f"update: correct_k must be booleans (rewards.is_correct), got "
+                       f"{correct_K}")
+    successes = float(np.sum(correct_K.astype(bool)))
+    frac = successes / correct_K.size
     i = int(prompt_idx)
     if self._groups_P[i] == 0:
       self._ema_P[i] = frac
@@ -262,17 +265,17 @@ class PromptSampler:
       rate = self.config.ema_rate
       self._ema_P[i] = (1.0 - rate) * self._ema_P[i] + rate * frac
     self._successes_P[i] += successes
-    self._trials_P[i] += rewards_K.size
+    self._trials_P[i] += correct_K.size
     self._groups_P[i] += 1
 
-  def update_groups(self, prompt_idx_G: Sequence[int], rewards_GK) -> None:
-    """`update` for G finished groups; rewards_GK is [G, K]."""
-    rewards_GK = np.asarray(rewards_GK)
-    if rewards_GK.ndim != 2 or rewards_GK.shape[0] != len(prompt_idx_G):
-      raise ValueError(f"update_groups: rewards_GK must be [G={len(prompt_idx_G)}"
-                       f", K], got shape {rewards_GK.shape}")
-    for i, rewards_K in zip(prompt_idx_G, rewards_GK):
-      self.update(int(i), rewards_K)
+  def update_groups(self, prompt_idx_G: Sequence[int], correct_GK) -> None:
+    """`update` for G finished groups; correct_GK is bool [G, K]."""
+    correct_GK = np.asarray(correct_GK)
+    if correct_GK.ndim != 2 or correct_GK.shape[0] != len(prompt_idx_G):
+      raise ValueError(f"update_groups: correct_GK must be [G={len(prompt_idx_G)}"
+                       f", K], got shape {correct_GK.shape}")
+    for i, correct_K in zip(prompt_idx_G, correct_GK):
+      self.update(int(i), correct_K)
 
   # ------------------------------------------------------------- checkpoint
 

@@ -1,16 +1,23 @@
-"""Rewards on the host: verifier calls, length penalty, final reward.
+"""Rewards on the host: verifier calls, correctness, length penalty, final reward.
 
 Axis legend: G prompts (groups), K samples per prompt, B flat batch.
 
 Everything here is numpy: verifiers run on the host, and the result is a
 `[G, K]` float32 array that goes into the train batch. Pipeline:
 
-  task_B, errors = apply_verifier(verify, records, responses)   # never raises
-  total_GK = total_reward(task_B.reshape(G, K), lengths_GK, finish_GK,
-                          iteration, cfg)
+  scores_B, errors = apply_verifier(verify, records, responses)   # never raises
+  total_GK, parts = total_reward(scores_B.reshape(G, K), lengths_GK, finish_GK,
+                                 iteration, cfg, return_parts=True)
+
+Correctness has one definition, `is_correct(score)`: the verifier's full
+marks (an equivalent answer; every test passed for code). The task reward
+(`RewardConfig.task_reward`), the length penalty, the prompt sampler's
+success rate (`parts["correct"]`) and held-out evaluation all use it. In
+rollouts a response cut before a natural stop is, in addition, scored as
+having no answer (`RewardConfig.truncated_reward`).
 
 The group baseline (mean of the K final rewards) is taken later, from
-`total_GK`, by `losses.group_baseline`.
+`total_GK`, by `losses.group_advantages` (rl/batch.py).
 """
 from __future__ import annotations
 
@@ -30,10 +37,19 @@ from kimi_jax.sampling.finish import FinishReason, TRUNCATED, as_finish_codes
 _LOG = logging.getLogger(__name__)
 
 
+TASK_REWARDS = ("binary", "fraction")
+FULL_MARKS = 1.0  # a verifier score at least this is a correct response
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
   """How the final reward is assembled (report §2.3.3, impl. notes 6 and 8).
 
+  task_reward: 'binary' (default): 1 for a correct response (`is_correct`),
+    else 0, as in the report (code passes ALL its tests). 'fraction': the
+    verifier's score itself (e.g. the fraction of code tests passed: partial
+    credit). Correctness, and so the length penalty and the prompt
+    sampler's statistic, is the same in both.
   length_penalty_weight: w_len >= 0, weight of the length reward once on
     (toy 0.2; the report gives no value).
   length_penalty_start: first iteration with the length reward on (warm-up:
@@ -41,19 +57,20 @@ class RewardConfig:
     start (long2short RL).
   truncated_reward: task reward given to responses cut before a natural stop
     (finish BUDGET, MAX_LENGTH, MAX_AGE or REPEAT): they are scored as having
-    no answer. None keeps the verifier's score for them.
+    no answer (not correct). None keeps the verifier's score for them.
   repeat_penalty: >= 0, subtracted (on top) from responses stopped by the
     repeat detector (toy 0.5).
-  correct_threshold: a (effective) task reward >= this counts as correct for
-    the length penalty (task rewards are in {0, 1} in the report).
   """
+  task_reward: str = "binary"
   length_penalty_weight: float = 0.0
   length_penalty_start: int = 0
   truncated_reward: Optional[float] = 0.0
   repeat_penalty: float = 0.0
-  correct_threshold: float = 1.0
 
   def __post_init__(self):
+    if self.task_reward not in TASK_REWARDS:
+      raise ValueError(f"RewardConfig.task_reward must be one of {TASK_REWARDS}, got "
+                       f"{self.task_reward!r}")
     _check_number("length_penalty_weight", self.length_penalty_weight, lo=0.0)
     if (not isinstance(self.length_penalty_start, numbers.Integral)
         or isinstance(self.length_penalty_start, bool)
@@ -63,7 +80,16 @@ class RewardConfig:
     if self.truncated_reward is not None:
       _check_number("truncated_reward", self.truncated_reward)
     _check_number("repeat_penalty", self.repeat_penalty, lo=0.0)
-    _check_number("correct_threshold", self.correct_threshold)
+
+
+def is_correct(scores) -> np.ndarray:
+  """bool, same shape: the verifier gave full marks (`FULL_MARKS`).
+
+  THE definition of a correct response, for rewards, the length penalty, the
+  prompt sampler and evaluation. Verifier scores lie in [0, 1]: 1/0 for
+  math and exact answers, the fraction of tests passed for code.
+  """
+  return np.asarray(scores, np.float64) >= FULL_MARKS
 
 
 def _check_number(field: str, value: Any, lo: Optional[float] = None) -> None:
@@ -117,45 +143,48 @@ def length_penalty_weight(iteration: int, cfg: RewardConfig) -> float:
 # -------------------------------------------------------------- final reward
 
 
-def total_reward(task_reward_GK, lengths_GK, finish_reason_GK, iteration: int,
+def total_reward(scores_GK, lengths_GK, finish_reason_GK, iteration: int,
                  cfg: RewardConfig, *, return_parts: bool = False):
-  """Final reward float32 [G, K] = task' + w_len(iteration) * len_reward
+  """Final reward float32 [G, K] = task + w_len(iteration) * len_reward
   - repeat_penalty * [finish == REPEAT].
 
-  task_reward_GK: verifier scores (e.g. in {0, 1}).
+  scores_GK: verifier scores in [0, 1] (`apply_verifier`).
   lengths_GK: response lengths in tokens (all segments).
   finish_reason_GK: `FinishReason` codes or names; must be final (RUNNING is
     an error: an unfinished trajectory cannot be scored).
-  task' is the task reward with truncated / repeat-stopped responses replaced
-  by `cfg.truncated_reward` (unless None); correctness for the length penalty
-  is task' >= cfg.correct_threshold.
+  correct = `is_correct(score)`, and not cut (truncated / repeat-stopped)
+  unless `cfg.truncated_reward` is None. task = correct as 0/1 ('binary') or
+  the score ('fraction'), with cut responses given `cfg.truncated_reward`.
+  The length penalty ranks by correctness.
 
   Returns total_GK, or (total_GK, parts) with parts a dict of float32 [G, K]
-  arrays 'task', 'length', 'repeat' and the scalar 'length_weight'.
+  arrays 'task', 'length', 'repeat', the bool [G, K] 'correct' and the
+  scalar 'length_weight'.
   """
-  task_GK = np.asarray(task_reward_GK, np.float64)
-  if task_GK.ndim != 2:
-    raise ValueError(f"task_reward_GK must be [G, K], got shape "
-                     f"{task_GK.shape}")
+  scores_GK = np.asarray(scores_GK, np.float64)
+  if scores_GK.ndim != 2:
+    raise ValueError(f"scores_GK must be [G, K], got shape {scores_GK.shape}")
   finish_GK = as_finish_codes(finish_reason_GK)
-  if finish_GK.shape != task_GK.shape:
+  if finish_GK.shape != scores_GK.shape:
     raise ValueError(f"finish_reason_GK has shape {finish_GK.shape} but "
-                     f"task_reward_GK has shape {task_GK.shape}")
+                     f"scores_GK has shape {scores_GK.shape}")
   if np.any(finish_GK == FinishReason.RUNNING):
     raise ValueError("total_reward: some trajectories are still RUNNING; "
                      "only finished groups can be scored")
-  if not np.all(np.isfinite(task_GK)):
-    raise ValueError("task_reward_GK must be finite (apply_verifier maps "
+  if not np.all(np.isfinite(scores_GK)):
+    raise ValueError("scores_GK must be finite (apply_verifier maps "
                      "verifier failures to 0)")
   repeat_GK = finish_GK == FinishReason.REPEAT
   cut_GK = np.isin(finish_GK, [int(r) for r in TRUNCATED]) | repeat_GK
+  correct_GK = is_correct(scores_GK)
+  task_GK = correct_GK.astype(np.float64) if cfg.task_reward == "binary" else scores_GK
   if cfg.truncated_reward is not None:
+    correct_GK = correct_GK & ~cut_GK
     task_GK = np.where(cut_GK, float(cfg.truncated_reward), task_GK)
-  correct_GK = task_GK >= cfg.correct_threshold
   length_GK = length_penalty(lengths_GK, correct_GK).astype(np.float64)
   if length_GK.shape != task_GK.shape:
     raise ValueError(f"lengths_GK has shape {length_GK.shape} but "
-                     f"task_reward_GK has shape {task_GK.shape}")
+                     f"scores_GK has shape {task_GK.shape}")
   weight = length_penalty_weight(iteration, cfg)
   repeat_pen_GK = -float(cfg.repeat_penalty) * repeat_GK
   total_GK = (task_GK + weight * length_GK + repeat_pen_GK).astype(np.float32)
@@ -163,6 +192,7 @@ def total_reward(task_reward_GK, lengths_GK, finish_reason_GK, iteration: int,
     return total_GK
   parts = {
       "task": task_GK.astype(np.float32),
+      "correct": correct_GK,
       "length": length_GK.astype(np.float32),
       "repeat": repeat_pen_GK.astype(np.float32),
       "length_weight": weight,
@@ -267,7 +297,8 @@ class PromptVerifier:
 
     math             1/0: `verifiers.math.verify` (math-verify equivalence)
     code             passed / total tests of `verifiers.code.run_tests` on
-                     the response's program (`extract_code`)
+                     the response's program (`extract_code`); correct
+                     (`is_correct`) only when all pass
     multiple_choice, true_false
                      1/0: the final answer (\\boxed{}, "answer is ...")
                      equals `answer` up to case, spaces and brackets

@@ -124,9 +124,35 @@ class EvalSettings:
 
 @dataclasses.dataclass(frozen=True)
 class RLExtras:
-  """Trainer-level RL options that belong to no library dataclass."""
+  """Trainer-level RL options that belong to no library dataclass.
+
+  minibatch_size: samples per optimizer step.
+  loss_segments: which response tokens enter the loss under partial
+    rollouts (`batch.LOSS_SEGMENTS`, README "The RL update"). Default
+    'current_iteration': only the segment generated in the training
+    iteration was drawn by the iteration-start policy (report §2.6.2), and a
+    group is trained only once all k samples finished, so a sample that
+    finished two iterations earlier would otherwise be trained as if the
+    current policy had drawn it ('last_segment', the old behaviour).
+    'all' trains whole responses (the k1.5 squared loss admits off-policy
+    samples); the toy main job uses it.
+  samples_per_row: S, the most finished samples packed into one training
+    row of rollout.max_length tokens (1 = one padded sample per row).
+    Packing changes the cost, not the maths: each minibatch keeps its
+    minibatch_size samples (rl/batch.py).
+  """
   minibatch_size: int = 64
-  train_old_segments: bool = False
+  loss_segments: str = "current_iteration"
+  samples_per_row: int = 1
+
+  def __post_init__(self):
+    from kimi_jax.rl.batch import LOSS_SEGMENTS  # pylint: disable=g-import-not-at-top
+    if self.loss_segments not in LOSS_SEGMENTS:
+      raise ValueError(f"loss_segments must be one of {LOSS_SEGMENTS}, got "
+                       f"{self.loss_segments!r}")
+    if (not isinstance(self.samples_per_row, int) or isinstance(self.samples_per_row, bool)
+        or self.samples_per_row < 1):
+      raise ValueError(f"samples_per_row must be an int >= 1, got {self.samples_per_row!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,9 +267,14 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
   if not isinstance(decode_phases, int) or isinstance(decode_phases, bool) or decode_phases < 1:
     raise ConfigError(f"config.rollout.decode_phases must be an int >= 1, got {decode_phases!r}")
   rl = dict(c["rl"])
-  extras = _take(rl, ("minibatch_size", "train_old_segments"))
-  reward = _take(rl, ("length_penalty_weight", "length_penalty_start", "truncated_reward",
-                      "repeat_penalty"))
+  if "train_old_segments" in rl:
+    raise ConfigError("config.rl.train_old_segments was replaced by config.rl.loss_segments: "
+                      "'all' for train_old_segments=True, 'last_segment' for False (its old "
+                      "default); the new default 'current_iteration' trains only the tokens "
+                      "generated in the training iteration")
+  extras = _take(rl, ("minibatch_size", "loss_segments", "samples_per_row"))
+  reward = _take(rl, ("task_reward", "length_penalty_weight", "length_penalty_start",
+                      "truncated_reward", "repeat_penalty"))
   prompts = _take(rl, ("prompt_sampling", "prompt_eps", "curriculum", "hard_from_iteration",
                        "hard_min_difficulty", "success_ema_rate"))
   renamed = {"prompt_sampling": "mode", "prompt_eps": "eps", "success_ema_rate": "ema_rate"}

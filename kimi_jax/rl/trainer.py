@@ -193,18 +193,21 @@ class Trainer:
     return out
 
   def rewards(self, groups, iteration):
-    """Final rewards [G, K] and reward metrics for completed groups."""
+    """(correct_GK bool, total_GK float32, metrics) for completed groups:
+    correctness (`rewards.is_correct`, also the prompt sampler's success)
+    and final rewards."""
     records = [self.train[g.prompt_idx] for g in groups for _ in g.trajectories]
     texts = [self.task.decode(t.response) for g in groups for t in g.trajectories]
     outcome = rewards_lib.apply_verifier(self.task.score, records, texts,
                                          max_workers=self.task.verifier_workers)
     G, K = len(groups), len(groups[0].trajectories)
-    task_GK = np.asarray(outcome.rewards, np.float32).reshape(G, K)
+    scores_GK = np.asarray(outcome.rewards, np.float32).reshape(G, K)
     lengths_GK = np.array([[t.response_len for t in g.trajectories] for g in groups]).reshape(G, K)
     finish_GK = np.array([[int(t.finish) for t in g.trajectories] for g in groups]).reshape(G, K)
-    total_GK = rewards_lib.total_reward(task_GK, lengths_GK, finish_GK, iteration, self.s.reward)
+    total_GK, parts = rewards_lib.total_reward(scores_GK, lengths_GK, finish_GK, iteration,
+                                               self.s.reward, return_parts=True)
     m = {"rollout/groups_completed": G, "rollout/reward_mean": float(total_GK.mean()),
-         "rollout/task_reward_mean": float(task_GK.mean()),
+         "rollout/task_reward_mean": float(parts["task"].mean()),
          "rollout/response_tokens_mean": float(lengths_GK.mean()),
          "rollout/verifier_errors": float(sum(outcome.errors.values()))}
     # Per reason only when it happens: a rare event, and the synthetic rows stay as they were.
@@ -214,25 +217,28 @@ class Trainer:
     for d in sorted({d for d in difficulty_G if d is not None}):
       rows = [i for i, dg in enumerate(difficulty_G) if dg == d]
       m[f"rollout/response_tokens_d{d}"] = float(lengths_GK[rows].mean())
-    return task_GK, total_GK, m
+    return parts["correct"], total_GK, m
 
   def update(self, params, groups, total_GK, iteration, step, skipped):
     """The training phase; every process calls it (with its own, maybe no,
     groups). Returns (TrainState, metrics), or (None, {}) when no process
     has a group to train on."""
     s = self.s
-    n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
+    n, T, S = self._rows()
     mbs = batch_lib.make_minibatches(groups, total_GK, minibatch_size=n, length=T,
-                                     train_old_segments=s.rl.train_old_segments)
+                                     loss_segments=s.rl.loss_segments, iteration=iteration,
+                                     samples_per_row=S,
+                                     advantage_std_norm=s.loss.advantage_std_norm)
     # Every process takes the same number of steps; padding rows weigh 0.
     count = distributed.max_over_processes(len(mbs))
     if not count:
       return None, {}
-    mbs += [batch_lib.empty_minibatch(n, T) for _ in range(count - len(mbs))]
+    mbs += [batch_lib.empty_minibatch(n, T, S) for _ in range(count - len(mbs))]
     mbs = [distributed.to_global(mb, self.train_layout.batch()) for mb in mbs]
     # pi_theta_i scores every sample once, before any step of this iteration;
     # the first minibatch gets its scores inside the first step (same params).
-    refs = [None] + [self.ref_logprobs(params, mb["tokens_NT"]) for mb in mbs[1:]]
+    refs = [None] + [self.ref_logprobs(params, mb["tokens_NT"], mb["positions_NT"],
+                                       mb["segment_ids_NT"]) for mb in mbs[1:]]
     lr = np.float32(s.update.learning_rate_at(iteration))
     state = TrainState(params=params, opt_state=self.fresh_opt_state(params, lr), step=step,
                        skipped=skipped)
@@ -244,19 +250,28 @@ class Trainer:
       state, m = self.train_step(state, batch_lib.to_batch(mb, ref), ref_is_current=first)
       metrics.append(m)
     metrics = distributed.to_local(metrics)  # replicated: every process has them
+    # Token counts add up over the steps; the rest are means over steps.
+    computed, in_samples = (sum(float(m.pop(key)) for m in metrics)
+                            for key in ("train/tokens_computed", "train/tokens_in_samples"))
     out = {key: float(np.mean([float(m[key]) for m in metrics])) for key in metrics[0]}
+    out["train/padding_fraction"] = 1.0 - in_samples / computed if computed else 0.0
     out["train/steps"] = len(metrics)
     out["train/skipped_total"] = int(distributed.to_local(state.skipped))
     return state, out
+
+  def _rows(self):
+    """(rows per minibatch on this process, row length, samples per row)."""
+    s = self.s
+    return (s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length,
+            s.rl.samples_per_row)
 
   def warmup(self, params) -> None:
     """Compile the rollout and update programs now (fixed shapes), not mid-run."""
     s = self.s
     self.engine.warmup(parallel.reshard(params, self.sample_layout), self.scheduler_cfg.num_slots,
                        s.scheduler.max_length)
-    n, T = s.rl.minibatch_size // jax.process_count(), s.scheduler.max_length
-    mb = distributed.to_global(batch_lib.empty_minibatch(n, T), self.train_layout.batch())
-    ref = self.ref_logprobs(params, mb["tokens_NT"])
+    mb = distributed.to_global(batch_lib.empty_minibatch(*self._rows()), self.train_layout.batch())
+    ref = self.ref_logprobs(params, mb["tokens_NT"], mb["positions_NT"], mb["segment_ids_NT"])
     for first in (True, False):
       copy = parallel.reshard(params, self.train_layout)  # the step donates its state
       # The donating switches of every iteration, there and back.
@@ -281,9 +296,9 @@ class Trainer:
     row = dict(scheduler.metrics())
     total_GK = None
     if groups:
-      task_GK, total_GK, m = self.rewards(groups, it)
+      correct_GK, total_GK, m = self.rewards(groups, it)
       row.update(m)
-      sampler.update_groups([g.prompt_idx for g in groups], task_GK)
+      sampler.update_groups([g.prompt_idx for g in groups], correct_GK)
     row.update(sampler.metrics(it))
     row = multihost.combine_rows(distributed.allgather_json(row))
     row["train/loss"] = float("nan")

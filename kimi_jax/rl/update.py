@@ -1,7 +1,8 @@
 """The RL training phase: reference log-probs, then pure jitted update steps.
 
-Axis legend: N samples in the iteration's batch (padded to a static size),
-M microbatches, n samples per microbatch (N = M * n), T sequence length.
+Axis legend: N rows of a minibatch (static; one sample each, or several
+packed, `rl.batch`), M microbatches, n rows per microbatch (N = M * n), T
+row length.
 
 One iteration of k1.5 (method spec §1): the policy at the start of the
 iteration, pi_theta_i, is the reference. `ref_logprobs` scores every sample
@@ -33,6 +34,7 @@ import optax
 
 from kimi_jax.models.transformer import ModelConfig, Transformer
 from kimi_jax.rl import losses
+from kimi_jax.rl.batch import Batch
 
 if TYPE_CHECKING:
   from kimi_jax.parallel import Layout
@@ -88,9 +90,18 @@ def set_learning_rate(opt_state, lr: float):
   return opt_state._replace(inner_state=(inner[0], adam_state._replace(hyperparams=hyper)))
 
 
-def token_logprobs(cfg: ModelConfig, params, tokens_NT: jax.Array) -> jax.Array:
-  """float32 `[N, T]`: log-prob of each token given the ones before it (0 at t=0)."""
-  logits_NTV = Transformer(cfg).apply({"params": params}, tokens_NT)
+def token_logprobs(cfg: ModelConfig, params, tokens_NT: jax.Array, *,
+                   positions_NT: Optional[jax.Array] = None,
+                   segment_ids_NT: Optional[jax.Array] = None) -> jax.Array:
+  """float32 `[N, T]`: log-prob of each token given the ones before it (0 at t=0).
+
+  positions_NT / segment_ids_NT: packed rows (`rl.batch`): RoPE positions
+  within each sample and its segment id (0 = padding); attention stays
+  within a segment. The first token of a segment gets the previous
+  segment's score there: it is a prompt token, never in a loss mask.
+  """
+  logits_NTV = Transformer(cfg).apply({"params": params}, tokens_NT, positions_BT=positions_NT,
+                                      segment_ids_BT=segment_ids_NT)
   # Score every position against the next token (the last one against a dummy
   # 0) and shift the small [N, T] result, rather than slicing the [N, T, V]
   # logits: the slice's gradient is a pad that XLA materialised over the whole
@@ -121,74 +132,45 @@ def _check_batch(layout: "Layout", N: int, n: int):
 
 
 def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int, layout: Optional["Layout"] = None):
-  """Jitted `(params, tokens_NT) -> logp_NT`, microbatched to bound memory.
+  """Jitted `(params, tokens_NT, positions_NT=None, segment_ids_NT=None) ->
+  logp_NT`, microbatched to bound memory.
 
-  layout: optional training `parallel.Layout`; params and tokens are then
-  taken (and log-probs returned) in it.
+  With segment ids (the rows of an `rl.batch.Batch`, packed or not) a
+  microbatch without any sample token is skipped (log-probs 0), as in the
+  train step. layout: optional training `parallel.Layout`; params and rows
+  are then taken (and log-probs returned) in it.
   """
 
-  def ref_logprobs(params, tokens_NT):
+  def ref_logprobs(params, tokens_NT, positions_NT=None, segment_ids_NT=None):
     with _activate(layout):
-      mb = _microbatches(tokens_NT, microbatch_size)
-      out = jax.lax.map(lambda t: token_logprobs(cfg, params, t), mb)
+      if segment_ids_NT is None:
+        mb = _microbatches(tokens_NT, microbatch_size)
+        out = jax.lax.map(lambda t: token_logprobs(cfg, params, t), mb)
+      else:
+        rows = jax.tree.map(lambda x: _microbatches(x, microbatch_size),
+                            (tokens_NT, positions_NT, segment_ids_NT))
+
+        def one(rows_nT):
+          t, p, sid = rows_nT
+          return jax.lax.cond(
+              jnp.any(sid > 0),
+              lambda: token_logprobs(cfg, params, t, positions_NT=p, segment_ids_NT=sid),
+              lambda: jnp.zeros(t.shape, jnp.float32))
+
+        out = jax.lax.map(one, rows)
       return out.reshape(tokens_NT.shape)
 
   if layout is None:
     return jax.jit(ref_logprobs)
-  jitted = jax.jit(ref_logprobs, in_shardings=(layout.params(), layout.batch()),
-                   out_shardings=layout.batch())
+  batch = layout.batch()
+  jitted = jax.jit(ref_logprobs, in_shardings=(layout.params(), batch, batch, batch),
+                   out_shardings=batch)
 
-  def sharded_ref_logprobs(params, tokens_NT):
+  def sharded_ref_logprobs(params, tokens_NT, positions_NT=None, segment_ids_NT=None):
     _check_batch(layout, tokens_NT.shape[0], microbatch_size)
-    return jitted(params, tokens_NT)
+    return jitted(params, tokens_NT, positions_NT, segment_ids_NT)
 
   return sharded_ref_logprobs
-
-
-@flax.struct.dataclass
-class Batch:
-  """One minibatch (static shapes; padded samples have sample_mask 0).
-
-  tokens_NT int32, mask_NT float32 (tokens that enter the loss),
-  ref_logp_NT float32 (iteration-start policy), rewards_N / baseline_N /
-  advantages_N float32, sample_mask_N float32.
-  """
-  tokens_NT: jax.Array
-  mask_NT: jax.Array
-  ref_logp_NT: jax.Array
-  rewards_N: jax.Array
-  baseline_N: jax.Array
-  advantages_N: jax.Array
-  sample_mask_N: jax.Array
-
-
-def sample_loss(loss_cfg: losses.LossConfig, logp_NT, b: Batch):
-  """The configured policy loss and its diagnostics for one microbatch."""
-  if loss_cfg.algorithm == "k15":
-    return losses.k15_loss(logp_NT, b.ref_logp_NT, b.mask_NT, b.rewards_N, b.baseline_N,
-                           loss_cfg.tau, form=loss_cfg.form,
-                           normalisation=loss_cfg.normalisation,
-                           sample_mask=b.sample_mask_N, return_aux=True)
-  if loss_cfg.algorithm == "rest":
-    return losses.rest_loss(logp_NT, b.mask_NT, b.rewards_N, threshold=loss_cfg.rest_threshold,
-                            normalisation=loss_cfg.normalisation,
-                            sample_mask=b.sample_mask_N, return_aux=True)
-  return losses.ppo_clip_loss(
-      logp_NT, b.ref_logp_NT, b.mask_NT, b.advantages_N, clip_eps=loss_cfg.clip_eps,
-      clip_eps_high=loss_cfg.clip_eps_high, normalisation=loss_cfg.normalisation,
-      ref_logp=b.ref_logp_NT if loss_cfg.kl_coef > 0 else None, kl_coef=loss_cfg.kl_coef,
-      sample_mask=b.sample_mask_N, return_aux=True)
-
-
-def loss_weights(loss_cfg: losses.LossConfig, b: Batch) -> jax.Array:
-  """float32 `[N]`: the samples each loss averages over (its denominator).
-
-  ReST averages over the selected (positive) samples only; the others over
-  every valid sample. Microbatch gradients are weighted by these counts.
-  """
-  if loss_cfg.algorithm == "rest":
-    return b.sample_mask_N * (b.rewards_N > loss_cfg.rest_threshold).astype(jnp.float32)
-  return b.sample_mask_N
 
 
 @flax.struct.dataclass
@@ -214,11 +196,18 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
   `state.params` ARE the reference policy: `batch.ref_logp_NT` is then
   ignored and taken from the step's own forward pass.
 
-  The minibatch's samples are split into microbatches of
-  `update_cfg.microbatch_size`; each microbatch's loss is a mean over its
-  valid samples, and microbatch gradients are weighted by their share of the
-  valid samples, so the accumulated gradient is that of the mean over the
-  whole minibatch. The state is donated.
+  The minibatch's rows (`rl.batch.Batch`: one sample each, or packed) are
+  split into microbatches of `update_cfg.microbatch_size` rows; each
+  microbatch's loss is a mean over its valid samples, and microbatch
+  gradients are weighted by their share of the valid samples, so the
+  accumulated gradient is that of the mean over the whole minibatch. A
+  microbatch with no valid sample (weight 0: empty rows of a short last
+  minibatch, the rows packing freed) is skipped, not computed. The state is
+  donated.
+
+  Metrics: the loss's diagnostics, grad norm, and `train/tokens_computed`
+  (row tokens of the microbatches computed) and `train/tokens_in_samples`
+  (the sample tokens among them) for the padding fraction.
 
   With a training `layout` the state must be in `train_state_shardings`
   (e.g. params from `parallel.init_params`, `optimizer.init` of them), the
@@ -235,45 +224,55 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
                                          shardings=layout.params())
 
   def micro_loss(params, b: Batch, ref_is_current: bool):
-    logp_NT = token_logprobs(cfg, params, b.tokens_NT)
+    logp_NT = token_logprobs(cfg, params, b.tokens_NT, positions_NT=b.positions_NT,
+                             segment_ids_NT=b.segment_ids_NT)
     if ref_is_current:
       # The iteration's first step runs at theta_i itself: the reference
       # log-probs are this forward pass's, so no separate pass is needed.
       b = b.replace(ref_logp_NT=jax.lax.stop_gradient(logp_NT))
-    loss, aux = sample_loss(loss_cfg, logp_NT, b)
-    return loss, aux
+    return losses.policy_loss(loss_cfg, logp_NT, b, return_aux=True)
 
   def train_step(state: TrainState, batch: Batch, ref_is_current: bool = False):
     N = batch.tokens_NT.shape[0]
     if N % n:
-      raise ValueError(f"minibatch of {N} samples is not a multiple of microbatch_size {n}")
+      raise ValueError(f"minibatch of {N} rows is not a multiple of microbatch_size {n}")
     with _activate(layout):
       return _train_step(state, batch, ref_is_current)
 
   def _train_step(state: TrainState, batch: Batch, ref_is_current: bool):
     mbs = jax.tree.map(lambda x: _microbatches(x, n), batch)
-    total = jnp.maximum(jnp.sum(loss_weights(loss_cfg, batch)), 1.0)
+    total = jnp.maximum(jnp.sum(losses.loss_weights(loss_cfg, batch)), 1.0)
     loss_fn = functools.partial(micro_loss, ref_is_current=ref_is_current)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, mb):
-      grads, loss_sum, aux_sum = carry
-      (loss, aux), g = grad_fn(state.params, mb)
-      g = keep_like_params(g)
-      w = jnp.sum(loss_weights(loss_cfg, mb)) / total
+      grads, loss_sum, aux_sum, tokens = carry
+      w = jnp.sum(losses.loss_weights(loss_cfg, mb)) / total
+
+      def compute():
+        (loss, aux), g = grad_fn(state.params, mb)
+        return keep_like_params(g), loss, aux
+
+      # lax.cond runs one branch: a microbatch of empty rows costs nothing.
+      g, loss, aux = jax.lax.cond(w > 0, compute, lambda: (zeros, jnp.zeros(()), aux_zero))
       grads = jax.tree.map(lambda a, x: a + w * x, grads, g)
       aux_sum = jax.tree.map(lambda a, x: a + w * x, aux_sum, aux)
-      return (grads, loss_sum + w * loss, aux_sum), None
+      ran = (w > 0).astype(jnp.float32)
+      tokens = tokens + ran * jnp.stack([mb.segment_ids_NT.size,
+                                         jnp.sum(mb.segment_ids_NT > 0)]).astype(jnp.float32)
+      return (grads, loss_sum + w * loss, aux_sum, tokens), None
 
     zeros = keep_like_params(jax.tree.map(jnp.zeros_like, state.params))
     first = jax.tree.map(lambda x: x[0], mbs)
     aux_zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_fn, state.params, first)[1])
-    (grads, loss, aux), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(()), aux_zero), mbs)
+    (grads, loss, aux, tokens), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros(()), aux_zero, jnp.zeros(2)), mbs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = opt_state.last_finite
     metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-               "train/update_finite": finite.astype(jnp.float32)}
+               "train/update_finite": finite.astype(jnp.float32),
+               "train/tokens_computed": tokens[0], "train/tokens_in_samples": tokens[1]}
     metrics.update({f"train/{k}": v for k, v in aux.items()})
     new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
                            skipped=state.skipped + (~finite).astype(jnp.int32))
