@@ -16,8 +16,10 @@ problems = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(problems)
 
 # The report's fractions; 6 inputs, of which at least 5 must become tests
-# (the report: 40 of 50). Generous timeout: the machine is shared.
-SMALL = testgen.TestGenConfig(num_tests=6, min_valid_tests=5, timeout_s=5.0, max_workers=2)
+# (the report: 40 of 50). Generous timeouts: none of the programs loops, and
+# a loaded machine must not turn a slow start into a failed run.
+SMALL = testgen.TestGenConfig(num_tests=6, min_valid_tests=5, timeout_s=30.0,
+                              generator_timeout_s=60.0, max_workers=2)
 
 
 def test_report_thresholds_are_counts_of_ten():
@@ -131,17 +133,17 @@ def test_generated_tests_grade_programs_like_the_code_verifier():
   add = problems.ADD
   out = testgen.generate_tests(add["references"][:3], add["generator"],
                                testgen.TestGenConfig(num_tests=3, min_valid_tests=3,
-                                                     timeout_s=5.0, max_workers=2))
+                                                     timeout_s=30.0, max_workers=2))
   assert out.kept
   # The reference printing trailing spaces passes under code.run_tests too.
-  assert code.run_tests(add["references"][2], out.tests, timeout_s=5.0).passed == 3
+  assert code.run_tests(add["references"][2], out.tests, timeout_s=30.0).passed == 3
   wrong = "a, b = map(int, input().split())\nprint(a - b)\n"
-  assert code.run_tests(wrong, out.tests, timeout_s=5.0, fail_fast=True).passed == 0
+  assert code.run_tests(wrong, out.tests, timeout_s=30.0, fail_fast=True).passed == 0
 
 
 def test_source_generator_failures_are_reported_not_raised():
-  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=3.0,
-                              timeout_s=5.0, max_workers=2)
+  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=30.0,
+                              timeout_s=30.0, max_workers=2)
   refs = ["print(input())\n"]
   broken = testgen.generate_tests(refs, "def generate(seed):\n  return (", cfg)
   assert not broken.kept and broken.reason.startswith("generator_failed: generator syntax_error")
@@ -157,8 +159,9 @@ def test_source_generator_failures_are_reported_not_raised():
 
 
 def test_hanging_generator_keeps_the_inputs_made_before_the_timeout():
-  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=1.0,
-                              timeout_s=5.0, max_workers=2)
+  # 3 s: seeds 0 and 1 take milliseconds, on any machine; seed 2 never ends.
+  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=3.0,
+                              timeout_s=30.0, max_workers=2)
   hang = "def generate(seed):\n  while seed == 2:\n    pass\n  return f'{seed}\\n'\n"
   out = testgen.generate_tests(["print(input())\n"], hang, cfg)
   assert out.inputs == ("0\n", "1\n")
