@@ -19,9 +19,11 @@ A hostile run is contained when all of these hold:
     directory of the host, and nothing reached a socket the caller listens
     on at 127.0.0.1.
 
-Beside them: every correct program passes (a hostile neighbour neither
-starves nor blocks it), one more passes after the last round, and the
-caller's resident memory stays flat (`rss_growth_mb`).
+Beside them, reported apart (`innocent_failures`): every correct program
+should pass (a hostile neighbour neither starves nor blocks it), and one
+more after the last round. A correct program can also time out because the
+machine is loaded by others; give `timeout_s` room for that. The caller's
+resident memory should stay flat (`rss_growth_mb`).
 """
 from __future__ import annotations
 
@@ -143,7 +145,7 @@ def run(rounds: int = 20, timeout_s: float = 2.0, workers: int = 4, innocents: i
   listener.setblocking(False)
   programs = hostile_set(escape_path, listener.getsockname()[1])
   rng = random.Random(seed)
-  failures = collections.Counter()
+  failures, innocent_failures = collections.Counter(), collections.Counter()
   reasons = collections.defaultdict(collections.Counter)
   max_wall = collections.defaultdict(float)
   hostile_runs = innocent_runs = 0
@@ -165,7 +167,7 @@ def run(rounds: int = 20, timeout_s: float = 2.0, workers: int = 4, innocents: i
         if name == "innocent":
           innocent_runs += 1
           if not res.all_passed:
-            failures[f"innocent: {res.reasons[0][:80]}"] += 1
+            innocent_failures[res.reasons[0][:80]] += 1
           continue
         hostile_runs += 1
         reason = res.reasons[0] if res.reasons else "passed"
@@ -190,7 +192,7 @@ def run(rounds: int = 20, timeout_s: float = 2.0, workers: int = 4, innocents: i
                      "containment_failures": sum(failures.values())})
     after = code.run_tests(ADD, list(ADD_TESTS), timeout_s=timeout_s)
     if not after.all_passed:
-      failures[f"correct program after the stress: {after.reasons}"] += 1
+      innocent_failures[f"after the stress: {after.reasons[0][:80]}"] += 1
   finally:
     listener.close()
     shutil.rmtree(escape_dir, ignore_errors=True)
@@ -200,6 +202,8 @@ def run(rounds: int = 20, timeout_s: float = 2.0, workers: int = 4, innocents: i
       "hostile_runs": hostile_runs, "innocent_runs": innocent_runs,
       "containment_failures": sum(failures.values()),
       "failures": dict(sorted(failures.items())),
+      "innocent_failures": sum(innocent_failures.values()),
+      "innocent_failure_reasons": dict(sorted(innocent_failures.items())),
       "reasons": {k: dict(v) for k, v in sorted(reasons.items())},
       "max_wall_s": {k: round(v, 2) for k, v in sorted(max_wall.items())},
       "rss_growth_mb": round(_rss_mb() - (rss_start or _rss_mb()), 1),
