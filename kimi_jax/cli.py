@@ -52,19 +52,17 @@ flags.DEFINE_bool("verbose", False, "Full logs: absl format, library INFO logs, 
 _INPUT_ERRORS = (("kimi_jax.rl.settings", "ConfigError"),
                  ("kimi_jax.data.prompts", "PromptFileError"),
                  ("kimi_jax.models.hf", "HFCheckpointError"),
+                 ("kimi_jax.checkpointing", "CheckpointMismatchError"),
                  ("kimi_jax.data.curation_model", "CurationError"),
                  ("kimi_jax.verifiers.testgen_io", "TestGenInputError"))
 _MISSING = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+_LIBRARY_LINE = 200  # characters of a library's warning or error shown
 # TensorFlow's pre-absl::InitializeLog() lines ignore TF_CPP_MIN_LOG_LEVEL;
 # they are written by C++ straight to fd 2 while `import tensorflow` runs.
 _TF_NOISE = ("All log messages before absl::InitializeLog()", "port.cc:", "cudart_stub.cc:",
              "cuda_platform.cc:", "cpu_feature_guard.cc:", "To enable the following instructions",
              "cuda_dnn.cc:", "cuda_fft.cc:", "cuda_blas.cc:", "computation_placer.cc:",
              "Unable to register cu")
-
-
-def verbose() -> bool:
-  return _VERBOSE
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -77,14 +75,25 @@ def fail(message: str, code: int = 2) -> None:
 
 
 class _Formatter(logging.Formatter):
+  """HH:MM:SS message. A library's warning or error (INFO ones are filtered
+  out) is cut to its first line: its traceback says what we report anyway
+  in our own words, and --verbose shows it whole."""
+
+  def __init__(self, roots):
+    super().__init__()
+    self._roots = tuple(roots)
 
   def format(self, record):
     when = time.strftime("%H:%M:%S", time.localtime(record.created))
     level = "" if record.levelno < logging.WARNING else record.levelname.lower() + ": "
-    text = f"{when} {level}{record.getMessage()}"
-    if record.exc_info:
-      text += "\n" + self.formatException(record.exc_info)
-    return text
+    text = record.getMessage()
+    if record.pathname.startswith(self._roots):
+      if record.exc_info:
+        text += "\n" + self.formatException(record.exc_info)
+    else:
+      first = text.splitlines()[0] if text.strip() else text
+      text = first if len(first) <= _LIBRARY_LINE else first[:_LIBRARY_LINE] + " ..."
+    return f"{when} {level}{text}"
 
 
 class _TqdmHandler(logging.Handler):
@@ -130,13 +139,14 @@ def setup_console() -> None:
   for handler in list(root.handlers):
     if isinstance(handler, absl_logging.ABSLHandler):
       root.removeHandler(handler)
+  roots = _our_roots()
   handler = _TqdmHandler()
-  handler.setFormatter(_Formatter())
-  handler.addFilter(_OursOrWarnings(_our_roots()))
+  handler.setFormatter(_Formatter(roots))
+  handler.addFilter(_OursOrWarnings(roots))
   root.addHandler(handler)
   logging.captureWarnings(True)
   # A library's Python warnings (deprecations) are its maintainers' business.
-  logging.getLogger("py.warnings").addFilter(_OursOrWarnings(_our_roots()))
+  logging.getLogger("py.warnings").addFilter(_OursOrWarnings(roots))
   _silence_tensorflow_import()
 
 

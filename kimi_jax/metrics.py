@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 from absl import logging
 import numpy as np
 
+from kimi_jax import faults
+
 METRICS_FILE = "metrics.jsonl"
 ORPHANED_SUFFIX = ".orphaned"
 TB_SUBDIR = "tb"
@@ -76,10 +78,20 @@ class MetricsWriter:
       if not isinstance(key, str):
         raise TypeError(f"metric keys must be str, got {key!r}")
       row[key] = _plain(value, key)
-    line = json.dumps(row, allow_nan=False, separators=(",", ":"))
-    self._file.write(line + "\n")
-    self._file.flush()
-    os.fsync(self._file.fileno())  # a SIGKILL right after loses nothing
+    line = json.dumps(row, allow_nan=False, separators=(",", ":")) + "\n"
+    try:
+      if faults.armed("metrics_write", row["iteration"]):
+        # Fault point "metrics_write": killed with half the row on disk.
+        self._file.write(line[:len(line) // 2])
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        faults.reached("metrics_write", row["iteration"])
+      self._file.write(line)
+      self._file.flush()
+      os.fsync(self._file.fileno())  # a SIGKILL right after loses nothing
+    except OSError as e:  # a full disk: say which file (a torn row is set aside on reopen)
+      raise OSError(e.errno, f"cannot write metrics row {row['iteration']}: {e.strerror}",
+                    self.path) from e
     if self._tb is not None:
       # TensorBoard gets the real value, NaN / inf included.
       scalars = {k: float(v) for k, v in
