@@ -31,10 +31,13 @@ PRIVATE_UID = pytest.mark.skipif(
 CGROUPS = pytest.mark.skipif(not cgroup.available(), reason="no writable cgroups here")
 # Stopped at its limit, not left to run: jail start-up under load, plus room.
 SLACK_S = 15.0
+# The limit of runs that are not about time: a slow start on a loaded
+# machine must not turn into a "timeout" grade.
+ROOMY = 30.0
 FOREVER = "import time\ntime.sleep(3600)\n"
 
 
-def run_one(source, timeout_s=1.0, **kw):
+def run_one(source, timeout_s, **kw):
   start = time.monotonic()
   result = code.run_tests(source, [{"input": "", "output": "ok"}], timeout_s, **kw)
   elapsed = time.monotonic() - start
@@ -47,23 +50,23 @@ def run_one(source, timeout_s=1.0, **kw):
 # ------------------------------------------------------------------ grading
 
 def test_correct_solution_passes():
-  result = code.run_tests(ADD, ADD_TESTS, timeout_s=2.0)
+  result = code.run_tests(ADD, ADD_TESTS, timeout_s=ROOMY)
   assert (result.passed, result.total, result.reasons) == (3, 3, [])
   assert result.all_passed
 
 
 def test_trailing_whitespace_is_normalised_but_nothing_else():
   src = "print('1 2   ')\nprint('3')\nprint()\n"
-  ok = code.run_tests(src, [{"input": "", "output": "1 2\n3"}])
+  ok = code.run_tests(src, [{"input": "", "output": "1 2\n3"}], ROOMY)
   assert ok.all_passed
   bad = code.run_tests(src, [{"input": "", "output": " 1 2\n3"},
-                             {"input": "", "output": "1  2\n3"}])
+                             {"input": "", "output": "1  2\n3"}], ROOMY)
   assert bad.reasons == ["wrong_answer", "wrong_answer"]
 
 
 def test_wrong_answer_is_counted_per_test():
   src = "a, b = map(int, input().split())\nprint(a + b if a else 99)\n"
-  result = code.run_tests(src, ADD_TESTS)
+  result = code.run_tests(src, ADD_TESTS, ROOMY)
   assert (result.passed, result.total, result.reasons) == (2, 3, ["wrong_answer"])
 
 
@@ -82,7 +85,7 @@ def test_call_tests():
            {"call": "Solution().twice(21)", "output": "42"},
            {"call": "f(1, 2)", "output": "4"},
            {"call": "f(1)", "output": "1"}]
-  result = code.run_tests(src, tests)
+  result = code.run_tests(src, tests, ROOMY)
   assert result.passed == 7
   assert result.reasons[0] == "wrong_answer"
   assert result.reasons[1].startswith("runtime_error: TypeError")
@@ -92,12 +95,12 @@ def test_call_result_cannot_fake_equality():
   src = ("class Liar:\n  def __eq__(self, other):\n    return True\n"
          "  def __repr__(self):\n    return 'Liar()'\n"
          "def f():\n  return Liar()\n")
-  result = code.run_tests(src, [{"call": "f()", "output": "5"}])
+  result = code.run_tests(src, [{"call": "f()", "output": "5"}], ROOMY)
   assert result.reasons == ["wrong_answer"]
 
 
 def test_fail_fast_skips_the_rest():
-  result = code.run_tests("print(0)", ADD_TESTS, fail_fast=True)
+  result = code.run_tests("print(0)", ADD_TESTS, ROOMY, fail_fast=True)
   assert result.reasons == ["wrong_answer", "skipped", "skipped"]
 
 
@@ -158,7 +161,7 @@ def test_fork_bomb_does_not_starve_a_concurrent_run():
   # another uid, still starts its processes.
   bomb = "import os\nwhile True:\n  try:\n    os.fork()\n  except OSError:\n    pass\n"
   results = code.run_batch([(bomb, [{"input": "", "output": ""}]), (ADD, ADD_TESTS)],
-                           timeout_s=5.0, max_workers=2)
+                           timeout_s=10.0, max_workers=2)
   assert results[0].reasons == ["timeout"]
   assert results[1].all_passed, results[1]
   assert stress.sandbox_processes() == []
@@ -248,7 +251,7 @@ def test_program_does_not_outlive_a_killed_caller():
 
 
 def test_huge_allocation_hits_the_memory_limit():
-  assert run_one("x = bytearray(8 * 1024 ** 3)\nprint('ok')\n") == "memory_limit"
+  assert run_one("x = bytearray(8 * 1024 ** 3)\nprint('ok')\n", ROOMY) == "memory_limit"
 
 
 def test_printing_a_gigabyte_is_cut_short():
@@ -273,7 +276,7 @@ def test_writing_outside_the_temp_dir_fails(world_writable):
   try:
     if world_writable:  # a shared data dir, say: anyone on the host may write there
       where.chmod(0o777)
-    reason = run_one(f"open({str(target)!r}, 'w').write('pwned')\nprint('ok')\n")
+    reason = run_one(f"open({str(target)!r}, 'w').write('pwned')\nprint('ok')\n", ROOMY)
     # Read-only file system (namespaces: every host mount is read-only in
     # the jail) or PermissionError (uid mode); FileNotFoundError when the
     # checkout lies under /tmp, which the sandbox replaces with its private
@@ -296,7 +299,8 @@ def test_only_the_private_temp_dir_is_writable():
            "  except OSError:\n    print('denied')\n"
            "open('mine.txt', 'w').write('fine')\n"
            "print(open('/tmp/mine.txt').read(), os.getcwd())\n")
-  result = code.run_tests(probe, [{"input": "", "output": "denied\n" * 5 + "fine /tmp"}])
+  result = code.run_tests(probe, [{"input": "", "output": "denied\n" * 5 + "fine /tmp"}],
+                          ROOMY)
   assert result.all_passed, result
   for path in ("/etc/kimi_x", "/var/tmp/kimi_x", "/dev/shm/kimi_x"):
     assert not os.path.exists(path)
@@ -313,7 +317,7 @@ def test_network_is_unreachable(host):
     port = 80 if host == "1.1.1.1" else listener.getsockname()[1]
     src = ("import socket\n"
            f"socket.create_connection(({host!r}, {port}), timeout=2)\nprint('ok')\n")
-    reason = run_one(src, timeout_s=5.0)
+    reason = run_one(src, ROOMY)
     assert reason.startswith("runtime_error: OSError"), reason
     assert "unreachable" in reason
     with pytest.raises(BlockingIOError):
@@ -342,7 +346,7 @@ def test_cannot_read_another_tests_files():
   assert results[1].reasons == ["wrong_answer"]  # it printed 'nothing'
   # And after the writer is gone, its file is gone too.
   later = code.run_tests("print(open('/tmp/secret.txt').read())",
-                         [{"input": "", "output": "s3cret"}])
+                         [{"input": "", "output": "s3cret"}], ROOMY)
   assert later.reasons[0].startswith("runtime_error: FileNotFoundError")
 
 
@@ -359,22 +363,22 @@ def test_syntax_error_is_reported_without_running():
     ("import ctypes\nctypes.string_at(0)\n", "SIGSEGV"),
 ])
 def test_crash_is_a_runtime_error(src, signal_name):
-  # A 30 s limit: the crash, not the clock, must end it however slow the start.
-  assert run_one(src, timeout_s=30.0) == f"runtime_error: {signal_name}"
+  # The crash, not the clock, must end it however slow the start.
+  assert run_one(src, ROOMY) == f"runtime_error: {signal_name}"
 
 
 def test_exit_code_and_exceptions_are_runtime_errors():
-  assert run_one("import sys\nprint('ok')\nsys.exit(3)\n", 30.0) == "runtime_error: exit code 3"
-  assert run_one("raise ValueError('bad input')\n", 30.0) == "runtime_error: ValueError: bad input"
+  assert run_one("import sys\nprint('ok')\nsys.exit(3)\n", ROOMY) == "runtime_error: exit code 3"
+  assert run_one("raise ValueError('bad input')\n", ROOMY) == "runtime_error: ValueError: bad input"
 
 
 @PRIVATE_UID
 def test_sandbox_runs_as_an_unprivileged_uid():
   result = code.run_tests("import os\nprint(os.getuid(), os.getgid(), os.getgroups())",
-                          [{"input": "", "output": "0 0 []"}])
+                          [{"input": "", "output": "0 0 []"}], ROOMY)
   assert result.reasons == ["wrong_answer"]
   run = sandbox.run_program({"main.py": b"import os\nprint(os.getuid())"},
-                            ["python", "main.py"])
+                            ["python", "main.py"], timeout_s=ROOMY)
   assert int(run.stdout) >= sandbox.UID_BASE
 
 
