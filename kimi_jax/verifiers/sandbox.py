@@ -152,7 +152,9 @@ def _run(mode: str, files: Mapping[str, bytes], argv: Sequence[str], stdin: byte
            "backstop_s": timeout_s + _BACKSTOP_S}
     with open(stdin_path, "rb") as stdin_file:
       proc = subprocess.Popen(
-          [sys.executable, "-I", "-S", JAIL_SCRIPT, marshal.dumps(cfg).hex()],
+          # caller=PID: which process a jail belongs to, for ps and for checks.
+          [sys.executable, "-I", "-S", JAIL_SCRIPT, marshal.dumps(cfg).hex(),
+           f"caller={os.getpid()}"],
           stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           pass_fds=(status_w,), start_new_session=True, env={}, cwd=staging)
     os.close(status_w)

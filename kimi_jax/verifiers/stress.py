@@ -13,8 +13,9 @@ A hostile run is contained when all of these hold:
   * its grade is the expected failure (`Hostile.expect`), never a pass;
   * it came back within `timeout_s + slack_s` (user code does not outlive
     its limit by much);
-  * when `run_batch` returns, no process of any run is left: none under a
-    sandbox uid, no jail helper (checked at once, without a grace period);
+  * when `run_batch` returns, no process of any run is left: none under
+    this caller's sandbox uids, no jail of its (checked at once, without a
+    grace period; another process's runs are not ours to count);
   * nothing was written outside the jail, even into a world-writable
     directory of the host, and nothing reached a socket the caller listens
     on at 127.0.0.1.
@@ -37,7 +38,7 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from kimi_jax.verifiers import code, sandbox
+from kimi_jax.verifiers import code, sandbox, uids
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 ADD_TESTS = ({"input": "2 3\n", "output": "5\n"}, {"input": "-7 4\n", "output": "-3\n"})
@@ -103,19 +104,25 @@ def hostile_set(escape_path: str, port: int) -> dict[str, Hostile]:
   }
 
 
-def sandbox_processes(jail_script: str = sandbox.JAIL_SCRIPT) -> list[int]:
-  """Pids of processes under a sandbox uid, or running the jail script."""
+def sandbox_processes(caller: Optional[int] = None) -> list[int]:
+  """Pids of the processes of the sandbox runs of process `caller` (default:
+  this one): programs under its private uids, and its jails. Runs of other
+  processes (another test session, a trainer) are not counted."""
+  caller = os.getpid() if caller is None else caller
+  own_uids = uids.block(caller)
+  tag = f"caller={caller}".encode()
   pids = []
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
       continue
     try:
-      if os.stat(f"/proc/{entry}").st_uid >= sandbox.UID_BASE:
+      if os.stat(f"/proc/{entry}").st_uid in own_uids:
         pids.append(int(entry))
         continue
       with open(f"/proc/{entry}/cmdline", "rb") as f:
-        if jail_script.encode() in f.read():
-          pids.append(int(entry))
+        argv = f.read().split(b"\0")
+      if sandbox.JAIL_SCRIPT.encode() in argv and tag in argv:
+        pids.append(int(entry))
     except OSError:
       pass  # gone meanwhile
   return pids

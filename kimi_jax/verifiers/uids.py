@@ -21,6 +21,11 @@ import time
 UID_BASE, UIDS_PER_PROCESS = 3_000_000_000, 256
 
 
+def block(pid: int) -> range:
+  """The uids the runs of caller process `pid` use."""
+  return range(UID_BASE + pid * UIDS_PER_PROCESS, UID_BASE + (pid + 1) * UIDS_PER_PROCESS)
+
+
 class _UidPool:
   """Hands out the private uids, one per concurrent run, least recently
   used first; a uid whose run could not be verified gone is retired."""
@@ -34,7 +39,7 @@ class _UidPool:
       while not self._free:
         self._cond.wait()
       slot = self._free.popleft()
-    return UID_BASE + os.getpid() * UIDS_PER_PROCESS + slot
+    return block(os.getpid()).start + slot
 
   def release(self, uid: int, reusable: bool) -> None:
     if reusable:
