@@ -6,12 +6,13 @@ meant to be imported. See sandbox.py for the mechanisms of each mode.
 
 Process tree, "namespaces" mode:
 
-  caller -> J0 (this script, root, host namespaces)
+  caller -> J0 (this script, root, the host's PID and mount namespaces)
               -> J1 (pid 1 of new PID/mount/net/IPC/UTS namespaces, root)
                    -> the program (private uid, rlimits, execve)
 
-  J0 opens the run's cgroups (when the caller made some), unshares, forks
-  J1 and waits for it. J0 exits only after J1 is reaped, and the kernel
+  J0 opens the run's cgroups (when the caller made some), unshares all but
+  the mount namespace (J1 takes a mount namespace of its own, so J0 keeps
+  the host's view to tidy up), forks J1 and waits for it. J0 exits only after J1 is reaped, and the kernel
   reports an exiting namespace init to its parent only after it has killed
   and reaped every other process of the namespace (zap_pid_ns_processes).
   So J0's exit means: no process of the run is left, however it forked,
