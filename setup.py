@@ -13,8 +13,9 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6",
     "ml-collections>=1.0",
     "absl-py>=2.0",
-    "clu>=0.0.12",
-    "tensorboard>=2.16",  # clu.metric_writers needs it for event files
+    # Its pure-Python record writer and protos: TensorBoard events without
+    # importing TensorFlow (kimi_jax/metrics.py).
+    "tensorboard>=2.16",
     "numpy>=1.26",
     "safetensors>=0.4",
     "tokenizers>=0.19",

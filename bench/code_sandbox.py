@@ -1,27 +1,39 @@
-"""Throughput of the code sandbox: N small programs, graded through the pool.
+"""Throughput of the code sandbox, or (--stress) whether it holds under load.
 
   python -m bench.code_sandbox --json [--n=200] [--workers=2] [--timeout_s=1]
+  python -m bench.code_sandbox --stress --json [--rounds=20] [--workers=4] [--load=2]
 
-The programs are a deterministic mix of correct solutions, wrong answers,
+Throughput: a deterministic mix of correct solutions, wrong answers,
 runtime errors and (1 in 20) infinite loops, over five small tasks with
 stdin and function-call tests. The last line (with --json) is one JSON
 object: programs per second, wall time, pass counts, failure reasons, and
 whether every program got the grade it was built to get.
+
+--stress: `kimi_jax.verifiers.stress` (its docstring says what "contained"
+means) for --rounds rounds of the ten hostile programs plus four correct
+ones, --workers at a time, while --load busy-loop processes load the
+machine (started here, killed at the end). The JSON object is the stress
+report plus the machine's load average; containment_failures must be 0.
 """
 import collections
 import json
 import os
+import subprocess
+import sys
 import time
 
 from absl import app, flags
 
-from kimi_jax.verifiers import code, sandbox
+from kimi_jax.verifiers import code, sandbox, stress
 
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 _N = flags.DEFINE_integer("n", 200, "Number of programs.")
 _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1,
                                 "Programs graded at once.")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 1.0, "Wall-clock limit per test.")
+_STRESS = flags.DEFINE_bool("stress", False, "Run the hostile-program stress check instead.")
+_ROUNDS = flags.DEFINE_integer("rounds", 20, "--stress: rounds of the ten hostile programs.")
+_LOAD = flags.DEFINE_integer("load", 2, "--stress: busy-loop processes loading the machine.")
 
 # task -> (correct source, wrong source, tests)
 _TASKS = {
@@ -63,8 +75,31 @@ def _program(i: int):
   return correct, tests, True
 
 
+def _stress() -> dict:
+  load = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+          for _ in range(_LOAD.value)]
+  try:
+    report = stress.run(
+        rounds=_ROUNDS.value, timeout_s=max(_TIMEOUT.value, 2.0),
+        workers=_WORKERS.value,
+        on_round=None if _JSON.value else lambda r, c: print(f"round {r + 1}: {c}", flush=True))
+    report["loadavg_1m_at_end"] = os.getloadavg()[0]
+  finally:
+    for p in load:
+      p.kill()
+      p.wait()
+  return {"bench": "code_sandbox_stress", "load_processes": _LOAD.value, **report}
+
+
 def main(argv):
   del argv
+  if _STRESS.value:
+    report = _stress()
+    if not _JSON.value:
+      for key, value in report.items():
+        print(f"{key:>26}: {value}")
+    print(json.dumps(report))
+    return
   programs = [_program(i) for i in range(_N.value)]
   mode = sandbox.mode()  # the one-time probe is not part of the timing
   start = time.monotonic()

@@ -17,8 +17,11 @@ None when the checkpoint was written by another number of processes (then
 `host_state["processes"]` still holds them all).
 
 Resume is "restore the newest readable step, else init": `restore_or_none`.
-Orbax writes each step to `<step>.orbax-checkpoint-tmp-*` and renames it when
-complete, so a run killed mid-save leaves no step that looks finished. A step
+Orbax writes each step to `<step>.orbax-checkpoint-tmp*` and renames it when
+complete, so a run killed mid-save leaves no step that looks finished (the
+temporary directory is removed when the next Checkpointer opens). A full
+disk during a save removes that step's temporary directory and raises an
+OSError (ENOSPC) naming the directory; the earlier steps are intact. A step
 that is finished but unreadable (truncated file, broken JSON) is skipped with
 a warning and the next older one is tried. Skipped steps are then renamed to
 `<step>.corrupt` (never deleted) so that orbax, which refuses to save a step
@@ -28,7 +31,10 @@ corruption: nothing is skipped or renamed.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import shutil
 from typing import Any, NamedTuple, Optional
 
 from absl import logging
@@ -36,7 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kimi_jax import distributed
+from kimi_jax import distributed, faults
 
 PyTree = Any
 _MAX_ERR_CHARS = 400  # tensorstore errors embed whole JSON specs
@@ -63,6 +69,22 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint is readable but does not fit the given targets."""
 
 
+def _host_handler(step_of) -> ocp.JsonCheckpointHandler:
+  """The handler of the "host" JSON item, with fault point
+  "checkpoint_write" in its save: the step's temporary directory exists, the
+  step is not finalised. (A subclass would not match orbax's registry of
+  handlers for JsonSaveArgs; the instance's method is wrapped instead.)"""
+  handler = ocp.JsonCheckpointHandler()
+  save = handler.async_save
+
+  async def async_save(directory, item=None, args=None):
+    faults.reached("checkpoint_write", step_of())
+    return await save(directory, item, args)
+
+  handler.async_save = async_save
+  return handler
+
+
 class Checkpointer:
   """Small orbax wrapper: save one step, restore the newest readable one.
 
@@ -86,14 +108,17 @@ class Checkpointer:
           "does not exist")
     if keep is not None and keep < 1:
       raise ValueError(f"Checkpointer: keep must be >= 1 or None, got {keep}")
+    # cleanup_tmp_directories: a step left half-written by a killed run goes
+    # (on a full disk its space is needed).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, save_interval_steps=1,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self._saving = -1  # the step being saved (for the fault point)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"params": ocp.StandardCheckpointHandler(),
                        "opt_state": ocp.StandardCheckpointHandler(),
-                       "host": ocp.JsonCheckpointHandler()})
+                       "host": _host_handler(lambda: self._saving)})
 
   # ------------------------------------------------------------------ save
 
@@ -117,10 +142,18 @@ class Checkpointer:
         raise ValueError(f"host_state: key {PROCESSES!r} is reserved for process_state")
       host[PROCESSES] = distributed.allgather_json(
           _to_json(process_state, "process_state"))
-    saved = self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        host=ocp.args.JsonSave(host)))
+    self._saving = step
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          opt_state=ocp.args.StandardSave(opt_state),
+          host=ocp.args.JsonSave(host)))
+    except Exception as e:  # pylint: disable=broad-except
+      if not _no_space(e):
+        raise
+      self._remove_partial(step)
+      raise OSError(errno.ENOSPC, f"no space left on device while writing checkpoint step "
+                    f"{step} (steps {self.all_steps()} are intact)", self.directory) from None
     if not saved:
       raise RuntimeError(f"orbax refused to save step {step} in "
                          f"{self.directory}")
@@ -128,6 +161,13 @@ class Checkpointer:
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
+
+  def _remove_partial(self, step: int) -> None:
+    """Deletes what a failed save of `step` left (only orbax's temporary
+    directories: a finished step is never touched)."""
+    if jax.process_index() == 0:
+      for path in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
+        shutil.rmtree(path, ignore_errors=True)
 
   def close(self) -> None:
     self._manager.close()
@@ -293,6 +333,19 @@ def _to_json(x: Any, path: str) -> Any:
   if isinstance(x, float):
     return x  # NaN / inf are written as the NaN / Infinity JSON extensions
   raise TypeError(f"{path}: {type(x).__name__} is not JSON-able")
+
+
+def _no_space(e: BaseException) -> bool:
+  """Whether `e` (or what caused it) is a full disk or quota. Orbax reports
+  tensorstore's ENOSPC as a ValueError "RESOURCE_EXHAUSTED ... [os_error_code='28']"."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(e)
+    if "No space left on device" in text or "Disk quota exceeded" in text:
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _short(e: BaseException) -> str:

@@ -15,6 +15,14 @@ Points (where each is reached is documented at the call site):
   iteration            kimi_jax/rl/trainer.py: at the start of RL iteration
                        <step>, once every earlier checkpoint write is committed
                        (rows 0..step-1 written, nothing of iteration <step>).
+  checkpoint_write     kimi_jax/checkpointing.py: while checkpoint step <step>
+                       is being written (its temporary directory exists, it is
+                       not finalised; every earlier step is).
+  metrics_write        kimi_jax/metrics.py: in the middle of writing the
+                       metrics row of iteration <step> (half the line is on
+                       disk, fsync'ed, without its newline).
+  curation             kimi_jax/data/curation_journal.py: after the <step>-th
+                       chunk of model work of this process is journaled.
 """
 from __future__ import annotations
 
@@ -40,6 +48,11 @@ def parse(spec: str) -> set[tuple[str, int]]:
 def _armed() -> set[tuple[str, int]]:
   spec = os.environ.get(ENV, "")
   return parse(spec) if spec else set()
+
+
+def armed(point: str, step: int) -> bool:
+  """Whether `reached(point, step)` will kill (to prepare the state it defines)."""
+  return (point, step) in _armed()
 
 
 def reached(point: str, step: int, settle: Optional[Callable[[], None]] = None) -> None:

@@ -24,10 +24,14 @@ import json
 import math
 import numbers
 import os
-from typing import Any, Iterable, Mapping
+import socket
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from absl import logging
 import numpy as np
+
+from kimi_jax import faults
 
 METRICS_FILE = "metrics.jsonl"
 ORPHANED_SUFFIX = ".orphaned"
@@ -42,23 +46,25 @@ class MetricsWriter:
 
   Args:
     workdir: run directory (created if missing).
-    tensorboard: also write TensorBoard events under `workdir/tb/` (imports
-      TensorFlow on first use through `clu.metric_writers`).
-    log_keys: keys shown in the absl log line.
+    tensorboard: also write TensorBoard events under `workdir/tb/` (with
+      tensorboard's pure-Python record writer: no TensorFlow import, so no TF
+      start-up lines on the console and no GPU memory taken).
+    log_keys: keys shown in the absl log line (finite values only).
+    log_line: `(iteration, metrics) -> str` for that line instead (the
+      trainer's own summary); returning "" logs nothing.
   """
 
   def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True,
-               log_keys: Iterable[str] = LOG_KEYS):
+               log_keys: Iterable[str] = LOG_KEYS,
+               log_line: Optional[Callable[[int, Mapping[str, Any]], str]] = None):
     self.workdir = os.fspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     self.path = metrics_path(self.workdir)
     self.log_keys = tuple(log_keys)
+    self._log_line = log_line or self._summary
     self._tb = None
     if tensorboard:
-      _hide_accelerators_from_tensorflow()
-      from clu import metric_writers  # pylint: disable=g-import-not-at-top
-      self._tb = metric_writers.SummaryWriter(
-          os.path.join(self.workdir, TB_SUBDIR))
+      self._tb = _EventFile(os.path.join(self.workdir, TB_SUBDIR))
     _move_torn_tail(self.path)
     self._file = open(self.path, "a", encoding="utf-8")
 
@@ -72,10 +78,20 @@ class MetricsWriter:
       if not isinstance(key, str):
         raise TypeError(f"metric keys must be str, got {key!r}")
       row[key] = _plain(value, key)
-    line = json.dumps(row, allow_nan=False, separators=(",", ":"))
-    self._file.write(line + "\n")
-    self._file.flush()
-    os.fsync(self._file.fileno())  # a SIGKILL right after loses nothing
+    line = json.dumps(row, allow_nan=False, separators=(",", ":")) + "\n"
+    try:
+      if faults.armed("metrics_write", row["iteration"]):
+        # Fault point "metrics_write": killed with half the row on disk.
+        self._file.write(line[:len(line) // 2])
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        faults.reached("metrics_write", row["iteration"])
+      self._file.write(line)
+      self._file.flush()
+      os.fsync(self._file.fileno())  # a SIGKILL right after loses nothing
+    except OSError as e:  # a full disk: say which file (a torn row is set aside on reopen)
+      raise OSError(e.errno, f"cannot write metrics row {row['iteration']}: {e.strerror}",
+                    self.path) from e
     if self._tb is not None:
       # TensorBoard gets the real value, NaN / inf included.
       scalars = {k: float(v) for k, v in
@@ -83,8 +99,9 @@ class MetricsWriter:
                  if isinstance(v, numbers.Real) and not isinstance(v, bool)}
       if scalars:
         self._tb.write_scalars(row["iteration"], scalars)
-        self._tb.flush()
-    logging.info("%s", self._summary(row["iteration"], metrics))
+    line = self._log_line(row["iteration"], metrics)
+    if line:
+      logging.info("%s", line)
     return row
 
   def truncate_after(self, iteration: int) -> int:
@@ -130,8 +147,10 @@ class MetricsWriter:
   def _summary(self, iteration: int, metrics: Mapping[str, Any]) -> str:
     parts = [f"iter {iteration}"]
     for key in self.log_keys:
-      if key in metrics:
-        parts.append(f"{key} {_fmt(metrics[key])}")
+      value = _plain_number(metrics.get(key))
+      # A NaN in the log reads like divergence; it only means "not measured".
+      if value is not None and not (isinstance(value, float) and not math.isfinite(value)):
+        parts.append(f"{key} {_fmt(value)}")
     return " | ".join(parts)
 
 
@@ -230,13 +249,33 @@ def _replace_atomically(path: str, lines: list[str]) -> None:
     os.close(dir_fd)
 
 
-def _hide_accelerators_from_tensorflow() -> None:
-  """TF only writes event files; left alone it would grab all GPU memory."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TF already initialised its devices (by the caller)
-    pass
+class _EventFile:
+  """A TensorBoard event file: TFRecords of Event protos, simple_value scalars
+  (what the scalar dashboard reads). tensorboard's own EventFileWriter would
+  import TensorFlow for its file I/O when TensorFlow is installed."""
+
+  def __init__(self, logdir: str):
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    os.makedirs(logdir, exist_ok=True)
+    # The name TensorBoard looks for; pid: two writers never share a file.
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.v2"
+    self._records = RecordWriter(open(os.path.join(logdir, name), "ab"))
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _write(self, event) -> None:
+    self._records.write(event.SerializeToString())
+    self._records.flush()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    values = [self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=step,
+                                      summary=self._summary_pb2.Summary(value=values)))
+
+  def close(self) -> None:
+    self._records.close()
 
 
 def _plain_number(value: Any) -> Any:

@@ -123,6 +123,8 @@ def _save(fig: Figure, path: str) -> None:
   try:
     fig.savefig(tmp, format="png")
     os.replace(tmp, path)
+  except OSError as e:  # a full disk: say which file (the old plot stays)
+    raise OSError(e.errno, f"cannot write plot: {e.strerror}", path) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -10,7 +10,9 @@ The orbax directory holds `params/` plus `model_config.json`
 """
 from typing import Optional, Sequence
 
-from absl import app, flags, logging
+from kimi_jax import cli  # first: quiets TensorFlow / XLA before they load
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-order
 
 from kimi_jax.models import hf, params_io
 
@@ -52,4 +54,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["hf_dir", "orbax_dir"])
-  app.run(main)
+  cli.run(main)

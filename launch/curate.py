@@ -10,10 +10,17 @@ guessable prompts, measure difficulty by pass rate, balance, and report.
 launch/convert.py writes it) or a Hugging Face one. Writes OUT/curated.jsonl (difficulty = 1 - pass rate),
 OUT/report.json (every prompt's fate) and OUT/report.md. The stages and their
 settings are documented in kimi_jax/data/curation.py.
+
+Resumable: the model's work is journaled in OUT/progress.jsonl chunk by chunk
+(--prompts_per_call prompts), so rerunning the same command after a kill or a
+crash continues where it stopped, with the same result as an uninterrupted
+run. --overwrite_out starts over.
 """
 from typing import Sequence
 
-from absl import app, flags
+from kimi_jax import cli  # first: quiets TensorFlow / XLA before they load
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-order
 
 from kimi_jax.data import curation
 
@@ -55,6 +62,8 @@ _PER_TAG = flags.DEFINE_integer("max_per_tag", None, "Cap per tag.")
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Seed of sampling and balancing.")
 _WORKERS = flags.DEFINE_integer("check_workers", _D.check_workers,
                                 "Threads checking answers (math-verify, code sandbox).")
+_PER_CALL = flags.DEFINE_integer("prompts_per_call", _D.prompts_per_call,
+                                 "Prompts per model call: the unit of progress and resume.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -67,13 +76,16 @@ def main(argv: Sequence[str]) -> None:
       drop_types=tuple(_DROP_TYPES.value), min_pass_rate=_MIN_RATE.value,
       max_pass_rate=_MAX_RATE.value, difficulty_buckets=_BUCKETS.value,
       max_per_bucket=_PER_BUCKET.value, max_per_tag=_PER_TAG.value, seed=_SEED.value,
-      check_workers=_WORKERS.value)
+      check_workers=_WORKERS.value, prompts_per_call=_PER_CALL.value)
   model = curation.load_text_model(_MODEL.value, _VOCAB.value, add_bos=_ADD_BOS.value,
                                    batch_size=_BATCH.value)
+  # What the journal of a resumed run must match besides the settings above.
+  model_id = f"{_MODEL.value}|{_VOCAB.value}|bos={_ADD_BOS.value}|batch={_BATCH.value}"
   result = curation.run(_PROMPTS.value, _OUT.value, model, config,
-                        skip_invalid=_SKIP_INVALID.value, overwrite=_OVERWRITE.value)
+                        skip_invalid=_SKIP_INVALID.value, overwrite=_OVERWRITE.value,
+                        model_id=model_id)
   print(f"kept {len(result.kept)} of {len(result.records)} prompts; see {_OUT.value}/report.md")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,7 +15,9 @@ length per point) is printed at the end and written to WORKDIR/summary.json.
 import os
 import sys
 
-from absl import app, flags, logging
+from kimi_jax import cli  # first: quiets TensorFlow / XLA before they load
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-order
 from ml_collections import config_flags
 
 from kimi_jax import sweep
@@ -34,7 +36,6 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
   points, default_config = sweep.load_sweep(FLAGS.sweep)
   if FLAGS.points:
     unknown = sorted(set(FLAGS.points) - {p.name for p in points})
@@ -70,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,9 +12,9 @@ Several hosts: run the same command on every host with
 (or $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID), or
 --distributed_auto on a Cloud TPU pod; WORKDIR must be shared by all hosts.
 """
-import sys
+from kimi_jax import cli  # first: quiets TensorFlow / XLA before they load
 
-from absl import app, flags, logging
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-order
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).",
@@ -40,17 +40,9 @@ def main(argv):
                            auto=FLAGS.distributed_auto)
   except ValueError as e:
     raise app.UsageError(str(e))
-  from kimi_jax.data.prompts import PromptFileError
-  from kimi_jax.models.hf import HFCheckpointError
-  from kimi_jax.rl import settings, trainer
-  logging.set_verbosity(logging.INFO)
-  try:
-    trainer.run(FLAGS.config, FLAGS.workdir)
-  except (settings.ConfigError, FileNotFoundError, PromptFileError, HFCheckpointError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from kimi_jax.rl import trainer
+  trainer.run(FLAGS.config, FLAGS.workdir)  # bad input: one line, exit 2 (cli.run)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -195,7 +195,7 @@ def test_run_writes_curated_set_and_report(tmp_path):
   with pytest.raises(prompts.PromptFileError, match=r"in.jsonl:4: field 'prompt': missing"):
     curation.run(str(src), str(out), text_model, config, checker=check)
   curation.run(str(src), str(out), text_model, config, skip_invalid=True, checker=check)
-  assert sorted(os.listdir(out)) == sorted(curation.OUTPUT_FILES)
+  assert sorted(os.listdir(out)) == sorted(curation.OUTPUT_FILES + ("progress.jsonl",))
   curated = prompts.read_jsonl(out / "curated.jsonl")
   assert [(p.id, p.difficulty) for p in curated] == [("m1", 0.6)]
   report = json.loads((out / "report.json").read_text())
@@ -210,10 +210,21 @@ def test_run_writes_curated_set_and_report(tmp_path):
   assert "Kept **1** (33%), dropped 2." in md and "| too_easy | 1 |" in md
   assert "| a\\|b | 1 | 1 |" in md  # pipes in tags escaped
   assert "in.jsonl:4: field 'prompt': missing" in md
+  # The same call again finds all the model's work in the journal.
+  model, text_model = _fake(ps, solved={ps[1].prompt: 10, ps[2].prompt: 4})
+  curation.run(str(src), str(out), text_model, config, skip_invalid=True, checker=check)
+  assert model.calls == [] and json.loads((out / "report.json").read_text())["kept"] == 1
+  # Other settings: the journal is not theirs.
+  other = CurationConfig(answer_marker=MARKER, samples=5)
+  with pytest.raises(curation.CurationError, match="progress.jsonl was written for other "
+                     "settings"):
+    curation.run(str(src), str(out), text_model, other, skip_invalid=True, checker=check)
+  curation.run(str(src), str(out), text_model, other, skip_invalid=True, overwrite=True,
+               checker=check)
+  # Outputs of a run without a journal are not replaced silently.
+  os.unlink(out / "progress.jsonl")
   with pytest.raises(FileExistsError, match="curated.jsonl exists"):
     curation.run(str(src), str(out), text_model, config, skip_invalid=True, checker=check)
-  curation.run(str(src), str(out), text_model, config, skip_invalid=True, overwrite=True,
-               checker=check)
 
 
 def test_markdown_caps_the_listing():

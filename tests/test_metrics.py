@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -98,9 +100,26 @@ def test_tensorboard_events_are_written(tmp_path):
   with metrics.MetricsWriter(tmp_path) as w:
     w.write(0, {"train/loss": 0.5, "eval/accuracy": float("nan"),
                 "phase": "rl"})
+    w.write(1, {"train/loss": 0.25})
   events = os.listdir(tmp_path / "tb")
   assert any(n.startswith("events.out.tfevents") for n in events)
-  assert os.path.getsize(tmp_path / "tb" / events[0]) > 0
+  from tensorboard.backend.event_processing import event_accumulator
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(0, 0.5), (1, 0.25)]
+  assert math.isnan(acc.Scalars("eval/accuracy")[0].value)  # TensorBoard gets the real NaN
+  assert "phase" not in acc.Tags()["scalars"]
+
+
+def test_tensorboard_writer_does_not_import_tensorflow(tmp_path):
+  # TensorFlow's start-up would print CUDA / oneDNN lines on every run.
+  code = ("import sys\nfrom kimi_jax import metrics\n"
+          f"with metrics.MetricsWriter({str(tmp_path)!r}) as w:\n  w.write(0, {{'a': 1.0}})\n"
+          "print('tensorflow' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       check=True)
+  assert out.stdout.strip() == "False", out.stderr
 
 
 def _synthetic_rows():

@@ -4,10 +4,15 @@ sandboxed pipeline on the small problems of tests/data/testgen_problems.py.
 Sandbox runs are kept few (about 120 in all): 4 references x 6 inputs per problem.
 """
 import importlib.util
+import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
+from kimi_jax.data import prompts as prompt_sets
 from kimi_jax.verifiers import code, testgen
 
 _spec = importlib.util.spec_from_file_location(
@@ -16,8 +21,10 @@ problems = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(problems)
 
 # The report's fractions; 6 inputs, of which at least 5 must become tests
-# (the report: 40 of 50). Generous timeout: the machine is shared.
-SMALL = testgen.TestGenConfig(num_tests=6, min_valid_tests=5, timeout_s=5.0, max_workers=2)
+# (the report: 40 of 50). Generous timeouts: none of the programs loops, and
+# a loaded machine must not turn a slow start into a failed run.
+SMALL = testgen.TestGenConfig(num_tests=6, min_valid_tests=5, timeout_s=30.0,
+                              generator_timeout_s=60.0, max_workers=2)
 
 
 def test_report_thresholds_are_counts_of_ten():
@@ -131,17 +138,17 @@ def test_generated_tests_grade_programs_like_the_code_verifier():
   add = problems.ADD
   out = testgen.generate_tests(add["references"][:3], add["generator"],
                                testgen.TestGenConfig(num_tests=3, min_valid_tests=3,
-                                                     timeout_s=5.0, max_workers=2))
+                                                     timeout_s=30.0, max_workers=2))
   assert out.kept
   # The reference printing trailing spaces passes under code.run_tests too.
-  assert code.run_tests(add["references"][2], out.tests, timeout_s=5.0).passed == 3
+  assert code.run_tests(add["references"][2], out.tests, timeout_s=30.0).passed == 3
   wrong = "a, b = map(int, input().split())\nprint(a - b)\n"
-  assert code.run_tests(wrong, out.tests, timeout_s=5.0, fail_fast=True).passed == 0
+  assert code.run_tests(wrong, out.tests, timeout_s=30.0, fail_fast=True).passed == 0
 
 
 def test_source_generator_failures_are_reported_not_raised():
-  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=3.0,
-                              timeout_s=5.0, max_workers=2)
+  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=30.0,
+                              timeout_s=30.0, max_workers=2)
   refs = ["print(input())\n"]
   broken = testgen.generate_tests(refs, "def generate(seed):\n  return (", cfg)
   assert not broken.kept and broken.reason.startswith("generator_failed: generator syntax_error")
@@ -157,10 +164,107 @@ def test_source_generator_failures_are_reported_not_raised():
 
 
 def test_hanging_generator_keeps_the_inputs_made_before_the_timeout():
-  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=1.0,
-                              timeout_s=5.0, max_workers=2)
+  # 3 s: seeds 0 and 1 take milliseconds, on any machine; seed 2 never ends.
+  cfg = testgen.TestGenConfig(num_tests=4, min_valid_tests=1, generator_timeout_s=3.0,
+                              timeout_s=30.0, max_workers=2)
   hang = "def generate(seed):\n  while seed == 2:\n    pass\n  return f'{seed}\\n'\n"
   out = testgen.generate_tests(["print(input())\n"], hang, cfg)
   assert out.inputs == ("0\n", "1\n")
   assert out.generator_errors == {"generator timeout": 2}
   assert len(out.tests) == 2 and out.kept
+
+
+# ---------------------------------------------------------------- launcher
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(*args):
+  env = {**os.environ, "PYTHONPATH": REPO}
+  return subprocess.run([sys.executable, "-m", "launch.testgen", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _problem_file(path, chosen=("add", "argmax"), **overrides):
+  with open(path, "w") as f:
+    for p in problems.PROBLEMS:
+      if p["name"] in chosen:
+        line = {"id": p["name"], "prompt": f"Solve {p['name']}.",
+                "references": p["references"], "generator": p["generator"], "tags": ["toy"],
+                **overrides}
+        f.write(json.dumps(line) + "\n")
+  return str(path)
+
+
+SMALL_FLAGS = ("--num_tests=6", "--min_valid_tests=5", "--timeout_s=30", "--workers=2")
+
+
+def test_launcher_writes_a_prompt_set_and_a_report(tmp_path):
+  src = _problem_file(tmp_path / "problems.jsonl")
+  out = tmp_path / "out"
+  proc = _launch(f"--problems={src}", f"--out={out}", *SMALL_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "kept 1 of 2 problems" in proc.stdout
+  lines = [l.split(" ", 1)[1] for l in proc.stderr.splitlines()]  # less the HH:MM:SS
+  assert lines == ["[1/2] add: kept, 6 tests from 6 inputs, 4/4 references pass all",
+                   "[2/2] argmax: dropped (too_few_valid_tests: 3 < 5); 3 tests from 6 "
+                   "inputs, 4/4 references pass all"], proc.stderr
+  kept = prompt_sets.read_jsonl(out / "prompts.jsonl").prompts
+  assert [(p.id, p.type, len(p.tests), p.tags) for p in kept] == [("add", "code", 6, ("toy",))]
+  for test in kept[0].tests:
+    assert test["output"] == problems.ADD["solve"](test["input"])
+  rows = [json.loads(l) for l in (out / "report.jsonl").read_text().splitlines()]
+  assert [(r["id"], r["kept"], r["valid_tests"]) for r in rows] == [("add", True, 6),
+                                                                   ("argmax", False, 3)]
+  assert "| argmax | no | too_few_valid_tests: 3 < 5 |" in (out / "report.md").read_text()
+
+
+def test_launcher_resumes_where_it_stopped(tmp_path):
+  src = _problem_file(tmp_path / "problems.jsonl")
+  out = tmp_path / "out"
+  assert _launch(f"--problems={src}", f"--out={out}", *SMALL_FLAGS).returncode == 0
+  whole = (out / "prompts.jsonl").read_text(), (out / "report.jsonl").read_text()
+  journal = (out / "results.jsonl").read_text().splitlines(keepends=True)
+  # What a kill during the second problem leaves: its line half written.
+  (out / "results.jsonl").write_text("".join(journal[:2]) + journal[2][:40])
+  for name in ("prompts.jsonl", "report.jsonl", "report.md"):
+    (out / name).unlink()
+  again = _launch(f"--problems={src}", f"--out={out}", *SMALL_FLAGS)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "resuming: 1 of 2 problems already done" in again.stderr
+  assert ((out / "prompts.jsonl").read_text(), (out / "report.jsonl").read_text()) == whole
+  # Other settings: the journal is not theirs.
+  other = _launch(f"--problems={src}", f"--out={out}", "--num_tests=7")
+  assert other.returncode == 2 and "written for other settings" in other.stderr
+  assert len(other.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    ({"references": []}, r"problems.jsonl:1: field 'references': missing or empty"),
+    ({"generator": 3}, r"problems.jsonl:1: field 'generator': expected a non-empty string"),
+    ({"tags": "toy"}, r"problems.jsonl:1: field 'tags': expected a list of strings"),
+    ({"referencs": ["x"]}, r"problems.jsonl:1: field 'referencs': unknown field"),
+])
+def test_launcher_bad_input_is_one_line(tmp_path, edit, pattern):
+  src = _problem_file(tmp_path / "problems.jsonl", chosen=("add",), **edit)
+  proc = _launch(f"--problems={src}", f"--out={tmp_path / 'out'}")
+  assert proc.returncode == 2, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+  assert re.search(pattern, proc.stderr), proc.stderr
+
+
+def test_launcher_other_mistakes_are_one_line(tmp_path):
+  src = _problem_file(tmp_path / "problems.jsonl", chosen=("add",))
+  with open(src, "a") as f:
+    f.write(open(src).read())  # the same id twice
+  for args, pattern in (
+      ([f"--problems={src}", f"--out={tmp_path / 'o'}"], r"duplicate 'add' \(first on line 1\)"),
+      ([f"--problems={tmp_path / 'none.jsonl'}", f"--out={tmp_path / 'o'}"], "does not exist"),
+      ([f"--problems={src}"], "--out is required"),
+      ([f"--problems={src}", f"--out={tmp_path / 'o'}", "--test_agreement=0.5"],
+       "test_agreement must be in"),
+  ):
+    proc = _launch(*args)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert re.search(pattern, proc.stderr), proc.stderr

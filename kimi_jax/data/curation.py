@@ -48,7 +48,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from absl import logging
 
+from kimi_jax.data import curation_journal
 from kimi_jax.data import prompts as prompts_lib
+from kimi_jax.data.curation_model import CurationError  # noqa: F401
 from kimi_jax.data.curation_model import TextModel, load_text_model, text_model  # noqa: F401
 from kimi_jax.data.prompts import Prompt
 
@@ -89,19 +91,20 @@ class CurationConfig:
                 "prompts_per_call", "check_workers")
     for name in positive:
       if getattr(self, name) < 1:
-        raise ValueError(f"CurationConfig.{name} must be >= 1, got {getattr(self, name)}")
+        raise CurationError(f"CurationConfig.{name} must be >= 1, got {getattr(self, name)}")
     for name in ("guess_attempts", "temperature", "guess_temperature"):
       if getattr(self, name) < 0:
-        raise ValueError(f"CurationConfig.{name} must be >= 0, got {getattr(self, name)}")
+        raise CurationError(f"CurationConfig.{name} must be >= 0, got {getattr(self, name)}")
     for name in ("max_per_bucket", "max_per_tag"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
-        raise ValueError(f"CurationConfig.{name} must be >= 1 or None, got {getattr(self, name)}")
+        raise CurationError(f"CurationConfig.{name} must be >= 1 or None, got "
+                            f"{getattr(self, name)}")
     unknown = sorted(set(self.drop_types) - set(prompts_lib.PROMPT_TYPES))
     if unknown:
-      raise ValueError(f"CurationConfig.drop_types: unknown types {unknown}; "
+      raise CurationError(f"CurationConfig.drop_types: unknown types {unknown}; "
                        f"known: {list(prompts_lib.PROMPT_TYPES)}")
     if not 0.0 <= self.min_pass_rate < self.max_pass_rate:
-      raise ValueError(f"CurationConfig: need 0 <= min_pass_rate < max_pass_rate, got "
+      raise CurationError(f"CurationConfig: need 0 <= min_pass_rate < max_pass_rate, got "
                        f"{self.min_pass_rate} and {self.max_pass_rate}")
     object.__setattr__(self, "drop_types", tuple(self.drop_types))
 
@@ -165,9 +168,15 @@ def bucket_of(difficulty: float, buckets: int) -> str:
 
 def curate(prompts: Sequence[Prompt], model: TextModel,
            config: CurationConfig = CurationConfig(), *,
-           checker: Optional[Checker] = None) -> CurationResult:
-  """Runs the five stages of the module docstring over `prompts` (unique ids)."""
+           checker: Optional[Checker] = None,
+           journal: Optional[curation_journal.Journal] = None) -> CurationResult:
+  """Runs the five stages of the module docstring over `prompts` (unique ids).
+
+  journal: chunks of model work already done (and where to record new
+    ones); `run` keeps one in OUT so that a rerun resumes.
+  """
   checker = checker or default_checker()
+  journal = journal or curation_journal.Journal(None, {})
   records = {}
   for p in prompts:
     if p.id in records:
@@ -189,7 +198,7 @@ def curate(prompts: Sequence[Prompt], model: TextModel,
     alive = [p for p in alive if p.type not in CHECKABLE_TYPES or _fits(p, model, config, drop)]
   # 3. guessable
   guessed = [p for p in alive if p.type in GUESS_TYPES] if config.guess_attempts else []
-  counts = _count_correct(guessed, model, checker, config, "guess", stats)
+  counts = _count_correct(guessed, model, checker, config, "guess", stats, journal)
   for p in guessed:
     records[p.id].guess_correct = counts[p.id]
     if counts[p.id]:
@@ -198,7 +207,7 @@ def curate(prompts: Sequence[Prompt], model: TextModel,
   alive = [p for p in alive if records[p.id].kept]
   # 4. pass rate
   measured = [p for p in alive if p.type in CHECKABLE_TYPES]
-  counts = _count_correct(measured, model, checker, config, "pass_rate", stats)
+  counts = _count_correct(measured, model, checker, config, "pass_rate", stats, journal)
   curated = {p.id: p for p in alive}
   for p in measured:
     record, n = records[p.id], config.samples
@@ -236,8 +245,10 @@ def _fits(p: Prompt, model: TextModel, config: CurationConfig, drop) -> bool:
 
 
 def _count_correct(prompts: Sequence[Prompt], model: TextModel, checker: Checker,
-                   config: CurationConfig, stage: str, stats: dict[str, Any]) -> dict[str, int]:
-  """{id: correct responses}: `guess` (N immediate answers) or `pass_rate` (n samples)."""
+                   config: CurationConfig, stage: str, stats: dict[str, Any],
+                   journal: curation_journal.Journal) -> dict[str, int]:
+  """{id: correct responses}: `guess` (N immediate answers) or `pass_rate` (n
+  samples), chunk by chunk; a chunk in the journal is not sampled again."""
   if stage == "guess":
     n, max_new, temperature = (config.guess_attempts, config.guess_max_new_tokens,
                                config.guess_temperature)
@@ -247,29 +258,42 @@ def _count_correct(prompts: Sequence[Prompt], model: TextModel, checker: Checker
                                        config.temperature, "")
   counts, start_s = {}, time.time()
 
+  errors = [0]
+
   def check(args: tuple[Prompt, str]) -> bool:
     try:
       return bool(checker(*args))
     except Exception as e:  # pylint: disable=broad-except  # one bad check is one wrong answer
-      if not stats["check_errors"]:
+      if not stats["check_errors"] + errors[0]:
         logging.warning("checker failed on prompt %r (counted as wrong): %r", args[0].id, e)
-      stats["check_errors"] += 1
+      errors[0] += 1
       return False
 
   with concurrent.futures.ThreadPoolExecutor(config.check_workers) as pool:
     for lo in range(0, len(prompts), config.prompts_per_call):
       chunk = prompts[lo:lo + config.prompts_per_call]
-      texts = [p.prompt + suffix for p in chunk for _ in range(n)]
-      seed = int(np.random.SeedSequence([config.seed, _STAGE_SEED[stage], lo]).generate_state(1)[0])
-      responses = model.generate(texts, max_new, temperature, seed)
-      if len(responses) != len(texts):
-        raise RuntimeError(f"model.generate returned {len(responses)} responses for "
-                           f"{len(texts)} prompts")
-      correct = list(pool.map(check, [(p, suffix + r) for p, r in zip(
-          [p for p in chunk for _ in range(n)], responses)]))
-      for i, p in enumerate(chunk):
-        counts[p.id] = int(sum(correct[i * n:(i + 1) * n]))
-      stats["responses_generated"] += len(texts)
+      ids = [p.id for p in chunk]
+      entry = journal.get(stage, lo, ids)
+      if entry is None:
+        texts = [p.prompt + suffix for p in chunk for _ in range(n)]
+        # The seed depends on the chunk only, so a resumed run samples what
+        # an uninterrupted one would have.
+        seed = int(np.random.SeedSequence([config.seed, _STAGE_SEED[stage], lo])
+                   .generate_state(1)[0])
+        responses = model.generate(texts, max_new, temperature, seed)
+        if len(responses) != len(texts):
+          raise RuntimeError(f"model.generate returned {len(responses)} responses for "
+                             f"{len(texts)} prompts")
+        errors[0] = 0
+        correct = list(pool.map(check, [(p, suffix + r) for p, r in zip(
+            [p for p in chunk for _ in range(n)], responses)]))
+        entry = {"counts": {p.id: int(sum(correct[i * n:(i + 1) * n]))
+                            for i, p in enumerate(chunk)},
+                 "responses": len(texts), "check_errors": errors[0]}
+        journal.put(stage, lo, ids, **entry)
+      counts.update(entry["counts"])
+      stats["responses_generated"] += entry["responses"]
+      stats["check_errors"] += entry["check_errors"]
       logging.info("curation %s: %d/%d prompts, %.0f s", stage, lo + len(chunk), len(prompts),
                    time.time() - start_s)
   stats[f"{stage}_seconds"] = round(time.time() - start_s, 3)
@@ -302,12 +326,18 @@ def _balance(alive: Sequence[Prompt], records: dict[str, Record], config: Curati
 
 def run(prompts_path: str, out_dir: str, model: TextModel,
         config: CurationConfig = CurationConfig(), *, skip_invalid: bool = False,
-        overwrite: bool = False, checker: Optional[Checker] = None) -> CurationResult:
+        overwrite: bool = False, checker: Optional[Checker] = None,
+        model_id: str = "") -> CurationResult:
   """Reads `prompts_path`, curates, writes OUT/curated.jsonl, report.json, report.md.
 
-  OUT is created (its parent must exist); existing outputs are replaced only
-  with `overwrite`. Every file is written atomically. A curated set that
-  kept nothing is still written (empty), with the report saying why.
+  OUT is created (its parent must exist). Resumable: the model's work is
+  journaled in OUT/progress.jsonl (curation_journal.py), so rerunning the
+  same call after a kill continues where it stopped and writes what an
+  uninterrupted run writes. model_id names the model for that journal (its
+  path and vocabulary); a journal of other settings is an error unless
+  `overwrite`, which also replaces outputs of a finished run that has no
+  journal of these settings. Every output is written atomically. A curated
+  set that kept nothing is still written (empty), with the report saying why.
   """
   from kimi_jax.data import curation_report  # pylint: disable=g-import-not-at-top  # cycle
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -315,14 +345,21 @@ def run(prompts_path: str, out_dir: str, model: TextModel,
     raise FileNotFoundError(f"output {out_dir}: parent directory does not exist")
   outputs = {name: os.path.join(out_dir, name) for name in OUTPUT_FILES}
   existing = [path for path in outputs.values() if os.path.exists(path)]
-  if existing and not overwrite:
+  journal_path = os.path.join(out_dir, curation_journal.JOURNAL_FILE)
+  if existing and not overwrite and not os.path.exists(journal_path):
     raise FileExistsError(f"{existing[0]} exists; pass overwrite to replace it")
   read = prompts_lib.read_jsonl(prompts_path, skip_invalid=skip_invalid)
   if read.skipped:
     logging.warning("%s: skipped %d invalid lines; the first: %s", prompts_path, read.skipped,
                     read.errors[0])
-  result = curate(read.prompts, model, config, checker=checker)
   os.makedirs(out_dir, exist_ok=True)
+  fields = dataclasses.asdict(config)
+  fields.pop("check_workers")  # threads cannot change a count
+  fields["skip_invalid"] = skip_invalid
+  journal = curation_journal.open_journal(
+      out_dir, curation_journal.fingerprint(fields, prompts_path, model_id),
+      start_over=overwrite)
+  result = curate(read.prompts, model, config, checker=checker, journal=journal)
   prompts_lib.write_jsonl(result.kept, outputs["curated.jsonl"])
   report = curation_report.summary(result, source=os.fspath(prompts_path),
                                    skipped_invalid=read.skipped, invalid_lines=read.errors)

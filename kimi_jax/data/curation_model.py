@@ -17,6 +17,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 
+class CurationError(ValueError):
+  """Bad input to curation (a model, vocabulary, setting or output directory
+  that cannot be used); the message names it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TextModel:
   """What curation needs of a model.
@@ -61,6 +66,8 @@ def text_model(cfg, params, *, encode: Callable[[str], list[int]],
 def load_model(path: str):
   """(ModelConfig, params) from an orbax model directory or a Hugging Face one."""
   from kimi_jax.models import hf, params_io  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"model {path}: no such directory")
   if os.path.isfile(os.path.join(path, params_io.CONFIG_NAME)):
     return params_io.load_orbax(path)
   if os.path.isfile(os.path.join(path, hf.CONFIG_NAME)):
@@ -80,14 +87,16 @@ def load_text_model(model_path: str, vocab: Optional[str] = None, *, add_bos: bo
   """
   from kimi_jax import tokenizers  # pylint: disable=g-import-not-at-top
   if vocab is None:
+    if not os.path.isdir(model_path):
+      raise FileNotFoundError(f"model {model_path}: no such directory")
     if not os.path.isfile(os.path.join(model_path, tokenizers.HF_TOKENIZER_FILE)):
-      raise ValueError(f"model {model_path} has no {tokenizers.HF_TOKENIZER_FILE}; name the "
+      raise CurationError(f"model {model_path} has no {tokenizers.HF_TOKENIZER_FILE}; name the "
                        "vocabulary ('bytes' or a tokenizer file)")
     vocab = model_path
   cfg, params = load_model(model_path)
   if vocab == "bytes":  # no seqio/TensorFlow import for the byte vocabulary
     if add_bos:
-      raise ValueError("the byte vocabulary has no BOS token (add_bos=True)")
+      raise CurationError("the byte vocabulary has no BOS token (add_bos=True)")
     encode, decode = tokenizers.byte_encode, tokenizers.byte_decode
     eos_id, vocab_size = tokenizers.BYTE_EOS_ID, tokenizers.BYTE_OFFSET + 256
   else:
@@ -96,7 +105,7 @@ def load_text_model(model_path: str, vocab: Optional[str] = None, *, add_bos: bo
     decode = functools.partial(tokenizers.decode_response, v)
     eos_id, vocab_size = v.eos_id, v.vocab_size
   if vocab_size > cfg.vocab_size:
-    raise ValueError(f"vocabulary {vocab} has {vocab_size} ids, more than the model "
+    raise CurationError(f"vocabulary {vocab} has {vocab_size} ids, more than the model "
                      f"{model_path} embeds ({cfg.vocab_size})")
   return text_model(cfg, params, encode=encode, decode=decode, eos_id=eos_id,
                     batch_size=batch_size)

@@ -22,13 +22,18 @@ checkpoint"):
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
-from typing import Any, Optional, Union
+import re
+import types
+import typing
+from typing import Any, Literal, Optional, Union
 
 import ml_collections
 
 from kimi_jax import parallel
+from kimi_jax.data import synthetic
 from kimi_jax.models import hf
 from kimi_jax.models.transformer import ModelConfig, RopeScaling
 from kimi_jax.rl.losses import LossConfig
@@ -44,20 +49,88 @@ class ConfigError(ValueError):
   """A config value that cannot be used; the message names its path."""
 
 
-def _build(cls, path: str, values: dict, **extra):
+def suggest(name: str, known) -> str:
+  """' (did you mean 'x'?)' for the closest of `known`, or ''."""
+  close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_keys(path: str, given, known) -> None:
+  """Every key of section `path` must be known; the first that is not is
+  reported with the closest known one (a typo'd override must not be
+  silently ignored)."""
+  for key in sorted(set(given) - set(known)):
+    where = f"config.{path}.{key}" if path else f"config.{key}"
+    hint = suggest(key, known) or f"; known: {', '.join(sorted(known))}"
+    raise ConfigError(f"{where}: unknown key{hint}")
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _expected(value, tp) -> Optional[str]:
+  """None when `value` fits annotation `tp`, else what was expected. Types
+  this does not know (a library's own classes) are left to the dataclass."""
+  if tp is Any or tp is type(None):
+    return None if tp is Any or value is None else "None"
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin in (Union, types.UnionType):
+    wants = [_expected(value, a) for a in args]
+    return None if None in wants else " or ".join(w for w in wants if w)
+  if origin is Literal:
+    return None if value in args else f"one of {list(args)}"
+  if tp is bool:
+    return None if isinstance(value, bool) else "True or False"
+  if tp is int:
+    return None if isinstance(value, int) and not isinstance(value, bool) else "an int"
+  if tp is float:
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+  if tp is str:
+    return None if isinstance(value, str) else "a string"
+  if tp is tuple or origin is tuple or tp is list or origin is list:
+    return None if isinstance(value, (tuple, list)) else "a list"
+  return None
+
+
+def _build(cls, path: str, values: dict, *, renamed=None, also_known=(), **extra):
+  """cls(**values, **extra), every mistake reported as one ConfigError that
+  names the config key: unknown keys (closest suggested), wrong types (from
+  the annotations), and what the class's own checks reject.
+
+  renamed: dataclass field -> config key, where the two differ.
+  also_known: other keys of the same section, taken by other classes (so a
+    typo of one of them gets its suggestion).
+  """
+  renamed = renamed or {}
+  key_of = lambda field: renamed.get(field, field)
   names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - names)
-  if unknown:
-    raise ConfigError(f"config.{path}: unknown key(s) {unknown} for {cls.__name__}; "
-                      f"known: {sorted(names)}")
+  check_keys(path, {key_of(k) for k in values}, {key_of(n) for n in names} | set(also_known))
+  try:
+    hints = typing.get_type_hints(cls)
+  except Exception:  # pylint: disable=broad-except
+    hints = {}  # an annotation this module cannot resolve: leave types to the class
+  for field, value in values.items():
+    want = _expected(value, hints.get(field, Any))
+    if want:
+      raise ConfigError(f"config.{path}.{key_of(field)} must be {want}, got {value!r} "
+                        f"({type(value).__name__})")
   try:
     return cls(**values, **extra)
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.{path}: {e}") from e
+    # Library checks say "ClassName.field must be ..."; say the config key instead.
+    msg = re.sub(rf"\b{cls.__name__}\.(\w+)",
+                 lambda m: f"config.{path}.{key_of(m.group(1))}", str(e))
+    raise ConfigError(msg if msg != str(e) else f"config.{path}: {e}") from None
 
 
 def _take(d: dict, keys) -> dict:
   return {k: d.pop(k) for k in keys if k in d}
+
+
+def _require(obj, name: str, ok: bool, what: str) -> None:
+  if not ok:
+    raise ValueError(f"{type(obj).__name__}.{name} must be {what}, got {getattr(obj, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +140,16 @@ class DataSettings:
   n_train: int
   n_heldout: int
   heldout_frac: float = 0.2
+
+  def __post_init__(self):
+    _require(self, "tasks", len(self.tasks) > 0, "a non-empty list of task names")
+    for task in self.tasks:
+      if task not in synthetic.TASKS:
+        raise ValueError(f"DataSettings.tasks: unknown task {task!r}"
+                         f"{suggest(str(task), synthetic.TASKS)}; known: {list(synthetic.TASKS)}")
+    _require(self, "n_train", self.n_train >= 1, ">= 1")
+    _require(self, "n_heldout", self.n_heldout >= 1, ">= 1")
+    _require(self, "heldout_frac", 0 < self.heldout_frac < 1, "in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +195,11 @@ class SFTData:
   long_frac: float = 0.8
   error_rate: float = 0.1
 
+  def __post_init__(self):
+    _require(self, "n_examples", self.n_examples >= 1, ">= 1")
+    _require(self, "long_frac", 0 <= self.long_frac <= 1, "in [0, 1]")
+    _require(self, "error_rate", 0 <= self.error_rate <= 1, "in [0, 1]")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
@@ -120,6 +208,11 @@ class EvalSettings:
   samples: int = 2
   greedy: bool = True
   max_new_tokens: int = 200
+
+  def __post_init__(self):
+    _require(self, "temperature", self.temperature >= 0, ">= 0")
+    _require(self, "samples", self.samples >= 1, ">= 1")
+    _require(self, "max_new_tokens", self.max_new_tokens >= 1, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +246,7 @@ class RLExtras:
     if (not isinstance(self.samples_per_row, int) or isinstance(self.samples_per_row, bool)
         or self.samples_per_row < 1):
       raise ValueError(f"samples_per_row must be an int >= 1, got {self.samples_per_row!r}")
+    _require(self, "minibatch_size", self.minibatch_size >= 1, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,13 +287,23 @@ def _positive_int(config, name):
   return value
 
 
+def _section(c: dict, name: str, optional: bool = False) -> dict:
+  if name not in c:
+    if optional:
+      return {}
+    raise ConfigError(f"config.{name} is missing (sections: {list(SECTION_KEYS)})")
+  if not isinstance(c[name], dict):
+    raise ConfigError(f"config.{name} must be a section (ConfigDict), got {c[name]!r}")
+  return dict(c[name])
+
+
 def _model(model: dict) -> tuple[ModelConfig, Optional[str]]:
   """ModelConfig from config.model, or from the config.json of `hf_path`."""
   if model.get("rope_scaling"):
     model["rope_scaling"] = _build(RopeScaling, "model.rope_scaling", model["rope_scaling"])
   hf_path = model.pop("hf_path", None)
   if not hf_path:
-    return _build(ModelConfig, "model", model), None
+    return _build(ModelConfig, "model", model, also_known=("hf_path",)), None
   hf_path = os.path.abspath(os.path.expanduser(hf_path))
   config_file = os.path.join(hf_path, hf.CONFIG_NAME)
   try:
@@ -215,11 +319,8 @@ def _model(model: dict) -> tuple[ModelConfig, Optional[str]]:
     cfg = hf.config_from_hf(hf_config, source=config_file, **numerics)
   except ValueError as e:
     raise ConfigError(f"config.model.hf_path: {e}") from None
-  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  check_keys("model", model, {f.name for f in dataclasses.fields(ModelConfig)} | {"hf_path"})
   for key, value in sorted(model.items()):
-    if key not in names:
-      raise ConfigError(f"config.model: unknown key {key!r} for ModelConfig; known: "
-                        f"{sorted(names | {'hf_path'})}")
     if value != getattr(cfg, key):
       raise ConfigError(f"config.model.{key}={value!r} but {config_file} says "
                         f"{getattr(cfg, key)!r}; with config.model.hf_path the architecture "
@@ -245,40 +346,45 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
   from kimi_jax.sft import SFTConfig  # heavy-ish import kept off module load
 
   c = config.to_dict()
-  unknown = sorted(set(c) - set(SCALAR_KEYS) - set(SECTION_KEYS))
-  if unknown:  # a typo'd override must not be silently ignored
-    raise ConfigError(f"config: unknown top-level key(s) {unknown}; known: "
-                      f"{sorted(SCALAR_KEYS + SECTION_KEYS)}")
+  check_keys("", c, SCALAR_KEYS + SECTION_KEYS)
   top = {k: _positive_int(config, k) for k in SCALAR_KEYS}
   if top["eval_every"] < 1 or top["checkpoint_every"] < 1:
     raise ConfigError("config.eval_every and config.checkpoint_every must be >= 1")
 
-  model, hf_path = _model(dict(c["model"]))
-  data = _data(dict(c["data"]))
-  sft = dict(c["sft"])
-  sft_data = _take(sft, ("n_examples", "long_frac", "error_rate"))
+  model, hf_path = _model(_section(c, "model"))
+  data = _data(_section(c, "data"))
+  sft = _section(c, "sft")
+  sft_keys = ("n_examples", "long_frac", "error_rate")
+  sft_data = _take(sft, sft_keys)
   sft_steps = sft.get("steps", 0)
+  if not isinstance(sft_steps, int) or isinstance(sft_steps, bool) or sft_steps < 0:
+    raise ConfigError(f"config.sft.steps must be an int >= 0, got {sft_steps!r}")
+  sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
+  check_keys("sft", sft, sft_fields | set(sft_keys))  # also when steps == 0 skips SFTConfig
 
-  rollout = dict(c["rollout"])
-  sampling = _take(rollout, ("temperature", "top_k", "top_p"))
-  repeat = {k[len("repeat_"):]: v for k, v in
-            _take(rollout, ("repeat_max_period", "repeat_min_repeats", "repeat_min_span")).items()}
+  rollout = _section(c, "rollout")
+  sampling_keys = ("temperature", "top_k", "top_p")
+  repeat_keys = ("repeat_max_period", "repeat_min_repeats", "repeat_min_span")
+  sampling = _take(rollout, sampling_keys)
+  repeat = {k[len("repeat_"):]: v for k, v in _take(rollout, repeat_keys).items()}
   decode_phases = rollout.pop("decode_phases", 1)
   if not isinstance(decode_phases, int) or isinstance(decode_phases, bool) or decode_phases < 1:
     raise ConfigError(f"config.rollout.decode_phases must be an int >= 1, got {decode_phases!r}")
-  rl = dict(c["rl"])
+  rl = _section(c, "rl")
   if "train_old_segments" in rl:
     raise ConfigError("config.rl.train_old_segments was replaced by config.rl.loss_segments: "
                       "'all' for train_old_segments=True, 'last_segment' for False (its old "
                       "default); the new default 'current_iteration' trains only the tokens "
                       "generated in the training iteration")
-  extras = _take(rl, ("minibatch_size", "loss_segments", "samples_per_row"))
-  reward = _take(rl, ("task_reward", "length_penalty_weight", "length_penalty_start",
-                      "truncated_reward", "repeat_penalty"))
-  prompts = _take(rl, ("prompt_sampling", "prompt_eps", "curriculum", "hard_from_iteration",
-                       "hard_min_difficulty", "success_ema_rate"))
+  extras_keys = ("minibatch_size", "loss_segments", "samples_per_row")
+  reward_keys = ("task_reward", "length_penalty_weight", "length_penalty_start",
+                 "truncated_reward", "repeat_penalty")
+  prompt_keys = ("prompt_sampling", "prompt_eps", "curriculum", "hard_from_iteration",
+                 "hard_min_difficulty", "success_ema_rate")
+  extras = _take(rl, extras_keys)
+  reward = _take(rl, reward_keys)
   renamed = {"prompt_sampling": "mode", "prompt_eps": "eps", "success_ema_rate": "ema_rate"}
-  prompts = {renamed.get(k, k): v for k, v in prompts.items()}
+  prompts = {renamed.get(k, k): v for k, v in _take(rl, prompt_keys).items()}
   if "loss" in rl:
     rl["algorithm"] = rl.pop("loss")
 
@@ -289,18 +395,22 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
       sft_steps=sft_steps,
       sft=_build(SFTConfig, "sft", sft) if sft_steps else None,
       sft_data=_build(SFTData, "sft", sft_data),
-      scheduler=_build(SchedulerConfig, "rollout", rollout),
+      scheduler=_build(SchedulerConfig, "rollout", rollout,
+                       also_known=sampling_keys + repeat_keys + ("decode_phases",)),
       sampling=_build(SamplingConfig, "rollout", sampling),
-      repeat=_build(RepeatConfig, "rollout.repeat_*", repeat),
-      loss=_build(LossConfig, "rl", rl),
+      repeat=_build(RepeatConfig, "rollout", repeat,
+                    renamed={k[len("repeat_"):]: k for k in repeat_keys}),
+      loss=_build(LossConfig, "rl", rl, renamed={"algorithm": "loss"},
+                  also_known=extras_keys + reward_keys + prompt_keys),
       reward=_build(RewardConfig, "rl", reward),
-      prompts=_build(PromptSamplerConfig, "rl", prompts),
-      update=_build(UpdateConfig, "optim", dict(c["optim"])),
+      prompts=_build(PromptSamplerConfig, "rl", prompts,
+                     renamed={v: k for k, v in renamed.items()}),
+      update=_build(UpdateConfig, "optim", _section(c, "optim")),
       rl=_build(RLExtras, "rl", extras),
-      eval=_build(EvalSettings, "eval", dict(c["eval"])),
+      eval=_build(EvalSettings, "eval", _section(c, "eval")),
       hf_path=hf_path,
       decode_phases=decode_phases,
-      mesh=_build(parallel.MeshConfig, "mesh", dict(c["mesh"]) if "mesh" in c else {"data": 1}),
+      mesh=_build(parallel.MeshConfig, "mesh", _section(c, "mesh", optional=True) or {"data": 1}),
   )
   if isinstance(data, PromptFileData) and sft_steps:
     raise ConfigError(f"config.sft.steps={sft_steps}: the SFT warm-up trains on synthetic "

@@ -33,8 +33,8 @@ metrics, plots and the checkpoint's JSON.
 """
 from __future__ import annotations
 
-import logging as std_logging
 import os
+import sys
 import time
 
 import jax
@@ -51,6 +51,7 @@ from kimi_jax.models import hf
 from kimi_jax.models.transformer import init_params
 from kimi_jax.plots import write_plots
 from kimi_jax.rl import batch as batch_lib
+from kimi_jax.rl.console import console_line, finite, quiet_library_logs
 from kimi_jax.rl import multihost
 from kimi_jax.rl import rewards as rewards_lib
 from kimi_jax.rl import settings as settings_lib
@@ -66,19 +67,6 @@ from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
 # The synthetic default is byte-level (seqio.ByteVocabulary ids).
 EOS_ID = BYTE_EOS_ID
 encode, decode = byte_encode, byte_decode
-
-
-class _DropLibraryInfo(std_logging.Filter):
-  """Keep orbax's per-save INFO chatter out of the run log (warnings pass)."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
-def quiet_library_logs():
-  for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
-    handler.addFilter(_DropLibraryInfo())
-  std_logging.getLogger("absl").addFilter(_DropLibraryInfo())
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -326,7 +314,8 @@ def run(config, workdir: str) -> list[dict]:
   primary = distributed.is_primary()
   tr = Trainer(s, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.keep_checkpoints)
-  writer = MetricsWriter(workdir) if primary else multihost.NullWriter()
+  writer = (MetricsWriter(workdir, log_line=lambda it, row: console_line(
+      it, s.total_iterations, row)) if primary else multihost.NullWriter())
   params_like, opt_like = tr.abstract_state()
   sampler, scheduler = tr.new_host_state()
   restored = ckpt.restore_or_none(params_like=params_like, opt_state_like=opt_like)
@@ -359,8 +348,11 @@ def run(config, workdir: str) -> list[dict]:
     t = time.perf_counter()
     tr.warmup(params)
     logging.info("Compiled rollout and update programs in %.0f s", time.perf_counter() - t)
+  # A bar only on a terminal: in a log file its carriage returns are noise,
+  # and the line per iteration already says how far the run is.
   bar = tqdm(range(start, s.total_iterations + 1), desc="RL", unit="it", initial=start - 1,
-             total=s.total_iterations, dynamic_ncols=True, disable=not primary)
+             total=s.total_iterations, dynamic_ncols=True,
+             disable=not primary or not sys.stderr.isatty())
   for it in bar:
     faults.reached("iteration", it, settle=ckpt.wait_until_finished)
     compiles = total_compiles()
@@ -373,8 +365,8 @@ def run(config, workdir: str) -> list[dict]:
     row["time/compiles"] = total_compiles() - compiles
     row.update(tr.task.metrics())
     writer.write(it, row)
-    bar.set_postfix(reward=f"{row.get('rollout/reward_mean', float('nan')):.3f}",
-                    acc=f"{row.get('eval/accuracy', float('nan')):.3f}")
+    if finite(row, "rollout/reward_mean") is not None:
+      bar.set_postfix(reward=f"{row['rollout/reward_mean']:.3f}", refresh=False)
     if it % s.checkpoint_every == 0 or last:
       ckpt.save(it, params=params, opt_state=opt_state,
                 host_state=multihost.host_state(it, s, step, skipped),

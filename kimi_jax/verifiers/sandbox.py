@@ -4,29 +4,38 @@
                             stdin=b"1 2\\n", timeout_s=2.0)
   run.exit_code, run.signal, run.stdout, run.stderr, run.timed_out, ...
 
+`run_program` returns only when no process of the run is left: whatever
+the program forked, daemonised or left running is dead by then, and the
+run's private uid is handed out again only after that is verified.
+
 Mechanisms, strongest mode first (`mode()` says which one is in effect; the
 first is chosen automatically when it works, KIMI_SANDBOX_MODE forces one):
 
   "namespaces" (root with CAP_SYS_ADMIN; what this Debian box gives us):
-    * new PID, mount, network, IPC and UTS namespaces (unshare(2) via
-      ctypes): no network but a downed loopback, no view of host processes
-      (a fresh /proc), and when the jail's init dies the kernel kills every
-      process left inside, however it forked or setsid()-ed;
-    * a private tmpfs (size- and inode-capped) on /tmp holding only this
-      run's files, which is the working directory; read-only empty tmpfs on
-      /var/tmp, /dev/shm, /run/lock: with the uid below, nothing else on
-      the filesystem is writable, and no other run's files are visible;
+    * new PID, mount, network, IPC and UTS namespaces (unshare(2)): no
+      network but a downed loopback, no view of host processes (a fresh
+      /proc), and when the jail's init dies the kernel kills every process
+      left inside, however it forked or setsid()-ed;
+    * every host mount read-only (in the jail's mount namespace only), a
+      private tmpfs (size- and inode-capped) on /tmp holding only this
+      run's files, which is the working directory, and empty read-only
+      tmpfs over /var/tmp, /dev/shm, /run/lock: nothing on the host is
+      writable, not even a world-writable directory, and no other run's
+      files are visible;
     * the program runs as a private unprivileged uid (one per concurrent run,
       no passwd entry), after setgroups([])/setgid/setuid and
-      PR_SET_NO_NEW_PRIVS. This is what makes RLIMIT_NPROC bite (the kernel
-      does not enforce it for root) and keeps one run's fork bomb from
-      starving another run (the limit counts per uid);
+      PR_SET_NO_NEW_PRIVS. This makes RLIMIT_NPROC bite (the kernel does
+      not enforce it for root);
+    * a cgroup per run where the host allows (cgroup.py): the run's
+      processes share one CPU and a task cap, so a fork swarm cannot starve
+      the runs beside it;
     * rlimits: RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE,
       RLIMIT_NOFILE, RLIMIT_CORE=0;
-    * the caller enforces wall-clock and output caps and SIGKILLs the whole
-      process group (which takes the jail's init, hence the namespace).
-  "uid" (root, but unshare is refused): private uid + rlimits + process
-    group kill + a sweep that SIGKILLs every process of the run's uid.
+    * the caller enforces the wall clock (from the program's start) and
+      the output caps; the jail kills the program if the caller dies or
+      stops acting (jail.py).
+  "uid" (root, but unshare is refused): private uid + rlimits + cgroup +
+    kills of the program's group, its orphans and every process of its uid.
     Weaker: the network is reachable and world-writable dirs (/tmp,
     /dev/shm) are writable.
   "rlimits" (not root): rlimits + process-group kill + orphans reparented
@@ -38,202 +47,41 @@ first is chosen automatically when it works, KIMI_SANDBOX_MODE forces one):
 Programs run under `interpreter()`: the caller's Python when the private uid
 can execute it, else /usr/bin/python3 (e.g. a venv under a 0700 /root: then
 programs get the system Python's packages, not the venv's).
-
-Process tree (namespaces): caller -> J0 (`python -I -S sandbox.py CONFIG`,
-root, host namespaces; unshares, forks, waits) -> J1 (pid 1 of the new
-namespace, root: mounts, forks, reaps, reports) -> the program (private uid,
-limits, execve). J1 reports the program's exit status on a dedicated pipe,
-so a program's own exit code can never be mistaken for a jail failure.
-
-When run as a script this file must import only the standard library.
 """
 from __future__ import annotations
 
-# The jail runs this file as a script before every test. It needs only the
-# imports and functions of the first half and stops at `__main__` below, so
-# it never pays for the caller-side imports (they would double its start-up).
-import ctypes
-import marshal  # built in: the config crosses argv without importing json (and re)
-import os
-import resource
-import signal
-import sys
-
-_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-_CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
-_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 36, 38
-# Dirs any user may write to on Debian; covered by empty read-only tmpfs.
-_WORLD_WRITABLE = ("/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
-
-# ------------------------------------------------------------- jail (child) side
-
-def _libc():
-  return ctypes.CDLL(None, use_errno=True)
-
-
-def _check(ret: int, what: str) -> None:
-  if ret != 0:
-    err = ctypes.get_errno()
-    raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(libc, source, target, fstype, flags, data=None) -> None:
-  enc = lambda s: None if s is None else s.encode()
-  _check(libc.mount(enc(source), enc(target), enc(fstype),
-                    ctypes.c_ulong(flags), enc(data)), f"mount {target}")
-
-
-def _private_filesystem(libc, cfg: dict) -> str:
-  """In the new mount namespace: private /tmp with the run's files, fresh /proc."""
-  _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing leaks to the host
-  # Read the staged files before the tmpfs hides the host /tmp they live in.
-  files = {}
-  for name in cfg["files"]:
-    with open(os.path.join(cfg["staging"], name), "rb") as f:
-      files[name] = f.read()
-  uid, lim = cfg["uid"], cfg["limits"]
-  _mount(libc, "tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV,
-         f"size={lim['tmpfs_mb']}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
-  for name, data in files.items():
-    with open(os.path.join("/tmp", name), "wb") as f:
-      f.write(data)
-  for path in _WORLD_WRITABLE:
-    if os.path.isdir(path):
-      _mount(libc, "tmpfs", path, "tmpfs",
-             _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=0755")
-  _mount(libc, "proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-  return "/tmp"
-
-
-def _exec_program(libc, cfg: dict, workdir: str) -> None:
-  """In the forked program process: limits, drop root, exec. Never returns."""
-  try:
-    lim = cfg["limits"]
-    mib = 1 << 20
-    cpu = cfg["cpu_s"]
-    for rlimit, soft, hard in (
-        (resource.RLIMIT_CPU, cpu, cpu + 1),
-        (resource.RLIMIT_AS, lim["memory_mb"] * mib, lim["memory_mb"] * mib),
-        (resource.RLIMIT_FSIZE, lim["fsize_mb"] * mib, lim["fsize_mb"] * mib),
-        (resource.RLIMIT_NOFILE, lim["nofile"], lim["nofile"]),
-        (resource.RLIMIT_NPROC, lim["nproc"], lim["nproc"]),
-        (resource.RLIMIT_CORE, 0, 0)):
-      resource.setrlimit(rlimit, (soft, hard))
-    if cfg["mode"] != "rlimits":
-      uid = cfg["uid"]
-      os.setgroups([])
-      os.setgid(uid)
-      os.setuid(uid)  # real, effective and saved: no way back to root
-    _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    os.chdir(workdir)
-    os.close(cfg["status_fd"])
-    os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
-  except BaseException as e:  # pylint: disable=broad-except
-    os.write(2, f"sandbox: cannot start program: {e}\n".encode())
-  os._exit(127)
-
-
-def _write_status(fd: int, status: dict) -> None:
-  """One line of key=value pairs; a setup_error, if any, comes last (it may hold spaces)."""
-  os.write(fd, (" ".join(f"{k}={v}" for k, v in status.items()) + "\n").encode())
-
-
-def _kill_orphans() -> None:
-  """Outside a PID namespace: SIGKILL the program's orphans, reparented to us
-  as subreaper (a double fork + setsid would otherwise escape the group kill)."""
-  me = str(os.getpid())
-  for _ in range(20):
-    kids = []
-    for entry in os.listdir("/proc"):
-      try:
-        with open(f"/proc/{entry}/stat", "rb") as f:
-          ppid = f.read().rsplit(b")", 1)[1].split()[1].decode()
-      except (OSError, IndexError):
-        continue
-      if ppid == me:
-        kids.append(int(entry))
-    if not kids:
-      return
-    for kid in kids:
-      try:
-        os.kill(kid, signal.SIGKILL)
-        os.waitpid(kid, 0)
-      except OSError:
-        pass
-
-
-def _run_and_report(libc, cfg: dict, workdir: str) -> None:
-  """Forks the program, reaps until it exits, reports its status on the status fd."""
-  if cfg["mode"] != "namespaces":
-    _check(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "subreaper")
-  pid = os.fork()
-  if pid == 0:
-    _exec_program(libc, cfg, workdir)
-  while True:  # as a namespace init we also reap orphans, so they don't pile up
-    got, status, usage = os.wait4(-1, 0)
-    if got == pid:
-      break
-  if os.WIFSIGNALED(status):
-    report = {"signal": os.WTERMSIG(status)}
-  else:
-    report = {"exit": os.WEXITSTATUS(status)}
-  report.update(cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=usage.ru_maxrss)
-  if cfg["mode"] != "namespaces":  # (in a namespace, our exit kills them all)
-    _kill_orphans()
-  _write_status(cfg["status_fd"], report)
-
-
-def _jail_main(cfg: dict) -> None:
-  libc = _libc()
-  try:
-    if cfg["mode"] == "namespaces":
-      _check(libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET |
-                          _CLONE_NEWIPC | _CLONE_NEWUTS), "unshare")
-      pid = os.fork()  # only children enter the new PID namespace
-      if pid:
-        os.waitpid(pid, 0)  # J0: J1 does the reporting
-        os._exit(0)
-      # J1: if J0 is killed, die too (and with us the whole namespace).
-      _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
-      workdir = _private_filesystem(libc, cfg)
-    else:
-      workdir = cfg["staging"]
-    _run_and_report(libc, cfg, workdir)
-  except BaseException as e:  # pylint: disable=broad-except
-    _write_status(cfg["status_fd"], {"setup_error": f"{type(e).__name__}: {e}"})
-    os._exit(1)
-  os._exit(0)
-
-
-if __name__ == "__main__":
-  _jail_main(marshal.loads(bytes.fromhex(sys.argv[1])))  # never returns
-
-
-# ----------------------------------------------------------- caller (parent) side
-# pylint: disable=wrong-import-position,wrong-import-order
 import dataclasses
+import marshal
+import os
 import selectors
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from typing import Mapping, Optional, Sequence
 
+from kimi_jax.verifiers import cgroup, uids
+
 MODES = ("namespaces", "uid", "rlimits")
-# Private uids: far above real accounts and the usual subuid ranges; a block
-# per caller pid so two trainers on one host do not share a uid.
-_UID_BASE, _UIDS_PER_PROCESS = 3_000_000_000, 256
+JAIL_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail.py")
+UID_BASE = uids.UID_BASE
+_SETUP_S = 10.0  # the jail's start-up (before the program's clock starts), at most
+_STOP_S = 10.0  # the jail's time to kill and reap the run once asked to stop
+_CLEAR_S = 10.0  # the caller's own sweep after that
+_BACKSTOP_S = 5.0  # the jail kills the program this long past its timeout by itself
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
   """Per-run resource limits (wall clock is `timeout_s` of `run_program`).
 
-  memory_mb: RLIMIT_AS (address space) of the program.
-  nproc: RLIMIT_NPROC, processes + threads of the run's private uid.
+  memory_mb: RLIMIT_AS (address space) of each process of the program.
+  nproc: RLIMIT_NPROC, processes + threads of the run's private uid, and
+    the task cap of the run's cgroup.
+  cpus: CPUs the whole run may use at once (its cgroup's quota).
   fsize_mb: RLIMIT_FSIZE, largest file the program may write.
   tmpfs_mb: size of its private /tmp (namespaces mode).
   output_bytes: stdout beyond this kills the run (output_overflow); stderr
@@ -241,6 +89,7 @@ class Limits:
   """
   memory_mb: int = 1024
   nproc: int = 32
+  cpus: float = 1.0
   fsize_mb: int = 16
   nofile: int = 256
   tmpfs_mb: int = 64
@@ -251,7 +100,7 @@ class Limits:
 class Run:
   """What one program run did. `exit_code` xor `signal` is set unless the
   run was killed by the caller (timed_out / output_overflow) or the jail
-  failed (setup_error)."""
+  failed (setup_error). wall_s counts from the call, start-up included."""
   exit_code: Optional[int]
   signal: Optional[int]
   stdout: bytes
@@ -265,48 +114,8 @@ class Run:
 
 
 _STDERR_TAIL = 4096
-
-
-class _UidPool:
-  """Hands out the private uids, one per concurrent run."""
-
-  def __init__(self):
-    self._lock = threading.Lock()
-    self._free = list(range(_UIDS_PER_PROCESS))
-    self._sem = threading.Semaphore(_UIDS_PER_PROCESS)
-
-  def acquire(self) -> int:
-    self._sem.acquire()
-    with self._lock:
-      slot = self._free.pop()
-    return _UID_BASE + (os.getpid() % 1_000_000) * _UIDS_PER_PROCESS + slot
-
-  def release(self, uid: int) -> None:
-    with self._lock:
-      self._free.append((uid - _UID_BASE) % _UIDS_PER_PROCESS)
-    self._sem.release()
-
-
-_UIDS = _UidPool()
 _CHOSEN_LOCK = threading.Lock()
 _CHOSEN: Optional[tuple[str, str]] = None
-
-
-def _kill_uid(uid: int) -> None:
-  """SIGKILLs every process owned by `uid` (the "uid" mode's stragglers)."""
-  for _ in range(5):
-    found = False
-    for entry in os.listdir("/proc"):
-      if entry.isdigit():
-        try:
-          if os.stat(f"/proc/{entry}").st_uid == uid:
-            os.kill(int(entry), signal.SIGKILL)
-            found = True
-        except OSError:
-          pass
-    if not found:
-      return
-    time.sleep(0.01)
 
 
 def _user_env() -> dict:
@@ -319,8 +128,8 @@ def _run(mode: str, files: Mapping[str, bytes], argv: Sequence[str], stdin: byte
          timeout_s: float, limits: Limits, python: str) -> Run:
   start = time.monotonic()
   staging = tempfile.mkdtemp(prefix="kimi_sbx_")  # 0700, root-owned
-  uid = _UIDS.acquire()
-  proc = None
+  uid = uids.POOL.acquire()
+  proc, groups, cleared = None, [], False
   status_r = status_w = -1
   try:
     for name, data in files.items():
@@ -333,68 +142,84 @@ def _run(mode: str, files: Mapping[str, bytes], argv: Sequence[str], stdin: byte
       f.write(stdin)
     if mode == "uid":
       os.chown(staging, uid, uid)
+    groups = cgroup.create(f"run{uid}", limits.cpus, limits.nproc)
     status_r, status_w = os.pipe()
     cfg = {"mode": mode, "uid": uid, "staging": staging, "files": sorted(files),
            "argv": [python if a == "python" else a for a in argv],
            "env": _user_env(), "limits": dataclasses.asdict(limits),
-           "cpu_s": max(1, int(timeout_s + 0.999)), "status_fd": status_w}
+           "cpu_s": max(1, int(timeout_s + 0.999)), "status_fd": status_w,
+           "caller_pid": os.getpid(), "cgroups": groups,
+           "backstop_s": timeout_s + _BACKSTOP_S}
     with open(stdin_path, "rb") as stdin_file:
       proc = subprocess.Popen(
-          [sys.executable, "-I", "-S", os.path.abspath(__file__), marshal.dumps(cfg).hex()],
+          # caller=PID: which process a jail belongs to, for ps and for checks.
+          [sys.executable, "-I", "-S", JAIL_SCRIPT, marshal.dumps(cfg).hex(),
+           f"caller={os.getpid()}"],
           stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
           pass_fds=(status_w,), start_new_session=True, env={}, cwd=staging)
     os.close(status_w)
     status_w = -1
-    out, err, status, timed_out, overflow = _collect(
-        proc, status_r, start + timeout_s, limits.output_bytes)
+    out, err, status, timed_out, overflow, late = _collect(
+        proc, status_r, start, timeout_s, limits.output_bytes)
   finally:
     if proc is not None:
-      _reap(proc)
-    if mode == "uid":
-      _kill_uid(uid)
+      _stop(proc)
+    cleared = _clear(mode, uid, groups)
     for fd in (status_r, status_w):
       if fd >= 0:
         os.close(fd)
     shutil.rmtree(staging, ignore_errors=True)
-    _UIDS.release(uid)
+    uids.POOL.release(uid, reusable=cleared)
   wall_s = time.monotonic() - start
   report = _parse_status(status)
   setup_error = report.get("setup_error")
-  if not report and not (timed_out or overflow):
+  if late:
+    setup_error = f"the jail did not start the program within {_SETUP_S:.0f} s"
+  elif not report and not (timed_out or overflow):
     setup_error = f"jail exited {proc.returncode} without a status: {err[-300:]!r}"
+  if not cleared:
+    setup_error = f"processes of the run (uid {uid}) outlived it by {_CLEAR_S:.0f} s"
   return Run(exit_code=report.get("exit"), signal=report.get("signal"),
              stdout=bytes(out), stderr=bytes(err[-_STDERR_TAIL:]),
-             timed_out=timed_out, output_overflow=overflow,
-             setup_error=setup_error, wall_s=wall_s,
+             timed_out=timed_out or bool(report.get("backstop")),
+             output_overflow=overflow, setup_error=setup_error, wall_s=wall_s,
              cpu_s=float(report.get("cpu_s", 0.0)),
              maxrss_kb=int(report.get("maxrss_kb", 0)))
 
 
-def _parse_status(line: str) -> dict:
-  """Inverse of `_write_status`: {"exit"|"signal": int, "cpu_s", "maxrss_kb"} or {"setup_error"}."""
-  line = line.strip()
-  if not line:
+def _parse_status(text: str) -> dict:
+  """Inverse of jail._write_status on its last line: {"exit"|"signal": int,
+  "cpu_s", "maxrss_kb", "backstop"} or {"setup_error"}; {} when there is none."""
+  lines = [l.strip() for l in text.splitlines() if l.strip() and l.strip() != "started=1"]
+  if not lines:
     return {}
+  line = lines[-1]
   if line.startswith("setup_error="):
     return {"setup_error": line[len("setup_error="):]}
   try:
     pairs = dict(item.split("=", 1) for item in line.split())
-    report = {k: int(v) for k, v in pairs.items() if k in ("exit", "signal", "maxrss_kb")}
+    report = {k: int(v) for k, v in pairs.items()
+              if k in ("exit", "signal", "maxrss_kb", "backstop")}
     report["cpu_s"] = float(pairs.get("cpu_s", 0.0))
     return report
   except ValueError:
     return {"setup_error": f"bad status {line[:200]!r}"}
 
 
-def _collect(proc, status_r: int, deadline: float, cap: int):
+def _collect(proc, status_r: int, start: float, timeout_s: float, cap: int):
   """Reads stdout/stderr/status until the jail is done, the deadline, or the cap.
 
-  The jail is done when its status pipe closes (J0 and J1 have exited); what
-  the program wrote is in the pipes by then, so we drain them without
-  waiting for an end-of-file a daemonised straggler could hold back.
+  The program's clock starts when the jail reports "started" (the jail's
+  own start-up, slow on a loaded machine, is not the program's time); the
+  jail has `_SETUP_S` for that. The jail is done when its status pipe
+  closes (it has exited, and with it every process of the run); what the
+  program wrote is in the pipes by then, so we drain them without waiting
+  for an end-of-file.
+  Returns (stdout, stderr tail, status text, timed_out, overflow, late start).
   """
   out, err, status = bytearray(), bytearray(), bytearray()
-  timed_out = overflow = jail_done = False
+  timed_out = overflow = jail_done = started = False
+  deadline = start + _SETUP_S
   sel = selectors.DefaultSelector()  # epoll: the trainer may hold fds > 1024
   try:
     for f, buf in ((proc.stdout, out), (proc.stderr, err)):
@@ -420,6 +245,9 @@ def _collect(proc, status_r: int, deadline: float, cap: int):
           jail_done = jail_done or key.data is status
           continue
         key.data.extend(chunk)
+        if key.data is status and not started and status.startswith(b"started=1\n"):
+          started = True
+          deadline = time.monotonic() + timeout_s
         if key.data is err:  # keep only the tail, but a flood still counts
           err_total += len(chunk)
           del err[:-_STDERR_TAIL]
@@ -428,34 +256,50 @@ def _collect(proc, status_r: int, deadline: float, cap: int):
           break
   finally:
     sel.close()
-  if timed_out or overflow:
-    _killpg(proc)
-  return out, err, bytes(status).decode("utf-8", "replace"), timed_out, overflow
+  late = timed_out and not started
+  return (out, err, bytes(status).decode("utf-8", "replace"), timed_out and started,
+          overflow, late)
 
 
-def _killpg(proc) -> None:
-  try:
-    os.killpg(proc.pid, signal.SIGKILL)  # J0, J1 and the program share the group
-  except OSError:
-    pass
-
-
-def _reap(proc) -> None:
-  """Kills what is left of the group, then reaps J0.
-
-  J0 is not reaped before the kill, so its pid (the group id) cannot have
-  been reused by an unrelated process group in between.
-  """
-  _killpg(proc)
-  proc.wait()
+def _stop(proc) -> None:
+  """Has the jail end the run and waits for it. Once the jail (J0) is
+  reaped, no process of the run is left in namespaces mode (jail.py)."""
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGTERM)  # J0 SIGKILLs the run and waits for it
+    try:
+      proc.wait(_STOP_S)
+    except subprocess.TimeoutExpired:
+      # J0 itself stuck: it never should be. Its pid is not reaped yet, so
+      # the group id cannot have been reused; _clear sweeps the rest.
+      try:
+        os.killpg(proc.pid, signal.SIGKILL)
+      except OSError:
+        pass
+      proc.wait()
   proc.stdout.close()
   proc.stderr.close()
 
 
+def _clear(mode: str, uid: int, groups: list[str]) -> bool:
+  """Verifies (killing what remains) that no process of the run is left.
+
+  Independent of the jail: the run's cgroup must be empty, and (namespaces
+  without cgroups, uid mode) no process may hold its uid.
+  """
+  deadline = time.monotonic() + _CLEAR_S
+  ok = cgroup.remove(groups, deadline) if groups else True
+  if mode == "uid" or (mode == "namespaces" and not groups):
+    ok = uids.kill_all(uid, deadline) and ok
+  return ok
+
+
 def _probe(candidate: str, python: str) -> Optional[bool]:
   """True: works; False: this interpreter can't run there; None: the mode fails."""
-  run = _run(candidate, {"main.py": b"print('ok')\n"}, ["python", "main.py"], b"",
-             30.0, Limits(), python)
+  try:
+    run = _run(candidate, {"main.py": b"print('ok')\n"}, ["python", "main.py"], b"",
+               30.0, Limits(), python)
+  except OSError:
+    return None  # e.g. a cgroup the host refuses
   if run.setup_error is not None:
     return None
   return run.exit_code == 0 and run.stdout == b"ok\n"
@@ -511,8 +355,8 @@ def run_program(files: Mapping[str, bytes], argv: Sequence[str], stdin: bytes = 
 
   files: plain file name -> content, staged into the private working dir.
   argv: the command; an element "python" is replaced by `interpreter()`.
-  Never raises because of the program; a jail failure is `Run.setup_error`.
+  Returns once every process of the run is gone. Never raises because of
+  the program; a jail failure is `Run.setup_error`.
   """
   jail_mode, python = _chosen()
   return _run(jail_mode, files, argv, stdin, timeout_s, limits, python)
-
