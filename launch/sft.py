@@ -34,6 +34,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value if _CONFIG.value is not None else sft.default_config()
+  from kimi_jax.rl.trainer import quiet_library_logs  # orbax's per-save INFO lines
+  quiet_library_logs()
   try:
     sft.run_from_config(config, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:  # bad data / config: one line, no traceback

@@ -23,10 +23,10 @@ CFG = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layer
                   num_heads=4, num_kv_heads=2, max_position_embeddings=64, eos_id=1)
 
 
-def _params(seed):
+def _params(seed, cfg=CFG):
   """Random params in init_params' shapes, drawn in numpy (no init compile)."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: init_params(CFG, jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
   return jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), shapes)
 
 
@@ -192,20 +192,21 @@ def test_build_pairs_rows_and_masks():
     assert on[0] == 3 and ps.tokens_ST[n, on[-1]] == 1 and np.all(np.diff(on) == 1)
 
 
-def test_dpo_step_matches_a_direct_computation_on_a_mesh():
+def test_dpo_step_on_a_mesh_matches_a_direct_computation():
   """One SGD step of the microbatched, sharded DPO step moves the params by
   exactly -lr * the gradient of mean_p dpo_loss, computed here without
   microbatches, sharding or kimi_jax's log-prob helper."""
+  cfg_1 = CFG.replace(num_layers=1)  # one layer: compiling the sharded step costs less
   ps = _pair_set()
-  params = _params(3)
+  params = _params(3, cfg_1)
   P = 8
   idx = np.arange(P) % len(ps.pairs_P2)
-  ref_S = dpo.reference_logprobs(CFG, params, ps, rows_per_call=4)
+  ref_S = dpo.reference_logprobs(cfg_1, params, ps, rows_per_call=4)
   batch = dpo.pair_batch(ps, ref_S, idx)
   beta, lr = 0.3, 0.5
 
   def seq_logp(p, tokens, mask):
-    logp = jax.nn.log_softmax(Transformer(CFG).apply({"params": p}, tokens), -1)
+    logp = jax.nn.log_softmax(Transformer(cfg_1).apply({"params": p}, tokens), -1)
     picked = jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
     return jnp.sum(picked * mask[:, 1:], -1)
 
@@ -217,11 +218,10 @@ def test_dpo_step_matches_a_direct_computation_on_a_mesh():
   np.testing.assert_allclose(ref_S, [float(x) for x in seq_logp(params, ps.tokens_ST,
                                                                 ps.mask_ST)], rtol=1e-5)
   want_loss, want_grads = jax.value_and_grad(direct)(params)
-  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tensor=2))
-  layout = parallel.Layout.train(mesh, CFG)
   cfg = dpo.DPOConfig(beta=beta, batch_size=P, microbatch_size=4)
   opt = optax.apply_if_finite(optax.sgd(lr), 10)
-  step = dpo.make_dpo_step(CFG, cfg, opt, layout)
+  layout = parallel.Layout.train(parallel.make_mesh(parallel.MeshConfig(2, 2, 2)), cfg_1)
+  step = dpo.make_dpo_step(cfg_1, cfg, opt, layout)
   placed = parallel.reshard(params, layout)
   state = TrainState(params=placed, opt_state=jax.jit(
       opt.init, out_shardings=layout.opt_state(opt))(placed),
@@ -280,3 +280,24 @@ def test_draw_verifies_every_sample_and_counts_unfinished_ones_wrong():
     assert len(d.responses) == len(d.correct) == 4
     assert all(1 <= len(r) <= 5 for r in d.responses)
     assert list(d.correct) == [r[-1] == 1 for r in d.responses]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--config.long_from=/nonexistent/run", "error: checkpoint /nonexistent/run does not exist"),
+    ("--config.dpo.batch_size=3", r"error: config\.dpo: DPOConfig\.batch_size \(3\) must be a "
+                                  r"multiple of microbatch_size \(2\)"),
+    ("--config.l2s_rl.rollout.max_length=999", r"error: config\.l2s_rl: config\.rollout\."
+                                                r"max_length \(999\) exceeds"),
+])
+def test_comparison_launcher_bad_config_is_one_line_before_any_work(tmp_path, override, match):
+  import re
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.long2short", "--config=configs/long2short_tiny.py:smoke",
+       f"--workdir={tmp_path / 'l2s'}", override], cwd=repo, capture_output=True, text=True,
+      timeout=300, env=dict(os.environ, PYTHONPATH=repo))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert re.search(match, proc.stderr) and "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "l2s" / "long")  # no stage ran

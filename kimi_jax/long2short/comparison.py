@@ -27,6 +27,7 @@ so the same stages run on a real checkpoint (given `long_from` and
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -45,14 +46,47 @@ from kimi_jax.rl.evaluation import evaluate
 MODELS = tuple(report.LABELS)
 
 
+def _check_keys(section: str, values: dict, known) -> None:
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    raise ValueError(f"config.{section}: unknown key(s) {unknown}; known: {sorted(known)}")
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """ValueError naming the key of a setting a later stage would refuse."""
+  sft_keys = {f.name for f in dataclasses.fields(sft.SFTConfig)}
+  _check_keys("short", c.short, sft_keys | {"from_long", "n_examples"})
+  _check_keys("rs", c.rs, sft_keys)
+  for section in ("short", "rs"):
+    try:
+      sft.sft_config_from(c[section])
+    except ValueError as e:
+      raise ValueError(f"config.{section}: {e}") from None
+  try:
+    dpo.DPOConfig(**c.dpo)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.dpo: {e}") from None
+  if not 0.0 <= c.merge.weight <= 1.0:
+    raise ValueError(f"config.merge.weight must be in [0, 1], got {c.merge.weight!r}")
+  for key in ("n", "prompts", "max_new_tokens", "batch_size"):
+    if not isinstance(c.samples[key], int) or c.samples[key] < 1:
+      raise ValueError(f"config.samples.{key} must be an int >= 1, got {c.samples[key]!r}")
+  if not c.l2s_rl.get("init_from"):  # the long model's path is filled in later
+    try:
+      settings_lib.from_config(c.l2s_rl)
+    except settings_lib.ConfigError as e:
+      raise ValueError(f"config.l2s_rl: {e}") from None
+
+
 class Comparison:
   """The static pieces of one comparison: config, task, layouts, stage log."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.c = config
+    self.long_settings = settings_lib.from_config(config.long)
+    check_config(config)  # every stage's settings, before the first stage's work
     self.workdir = trainer.prepare_workdir(workdir)
     trainer.quiet_library_logs()
-    self.long_settings = settings_lib.from_config(config.long)
     self.task = tasks_lib.make_task(self.long_settings)
     self.train_layout, self.sample_layout = multihost.make_mesh_layouts(self.long_settings)
     self.stages = Stages(self.workdir)

@@ -215,8 +215,9 @@ def config_for(src: Source, model: Optional[Mapping[str, Any]] = None, *,
   cfg = _source_config(src, param_dtype=model.get("param_dtype", "float32"))
   if cfg is None:
     if not model:
-      raise ValueError(f"checkpoint {src.path} has no {CONFIG_NAME}: give the model's "
-                       f"architecture in {what}")
+      raise ValueError(f"checkpoint {src.path} has no {CONFIG_NAME} (runs started before "
+                       f"runs wrote one): give the architecture in {what}, or write "
+                       f"{CONFIG_NAME} there (params_io.write_config)")
     return config_from_dict(model, source=what)
   names = {f.name for f in dataclasses.fields(ModelConfig)}
   for key, value in sorted(model.items()):
