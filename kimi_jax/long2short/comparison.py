@@ -83,11 +83,14 @@ class Comparison:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.c = config
-    self.long_settings = settings_lib.from_config(config.long)
+    try:
+      self.long_settings = settings_lib.from_config(config.long)
+    except settings_lib.ConfigError as e:
+      raise ValueError(f"config.long: {e}") from None
     check_config(config)  # every stage's settings, before the first stage's work
+    self.task = tasks_lib.make_task(self.long_settings)  # reads and checks the prompt files
     self.workdir = trainer.prepare_workdir(workdir)
     trainer.quiet_library_logs()
-    self.task = tasks_lib.make_task(self.long_settings)
     self.train_layout, self.sample_layout = multihost.make_mesh_layouts(self.long_settings)
     self.stages = Stages(self.workdir)
     self.models: dict[str, str] = {}  # name -> checkpoint path
@@ -121,7 +124,8 @@ class Comparison:
     c = sft.default_config()
     c.seed = self.c.seed
     c.init_from = init_from
-    c.model = {}
+    # From a checkpoint the architecture is its own; from scratch, the long model's.
+    c.model = {} if init_from else params_io.config_to_dict(self.long_settings.model)
     c.sft.update(settings)
     c.data.update(data)
     sft.run_from_config(c, self.path(name), evaluate=False)
