@@ -1,14 +1,15 @@
 """SFT warm-up: packing and its loss mask, the loss, learning, determinism, config."""
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from kimi_jax import sft
+from kimi_jax.models import params_io
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_params
 from kimi_jax.sampling import generate
 
@@ -191,19 +192,30 @@ def test_lr_schedule_warms_up_then_decays():
   np.testing.assert_allclose(float(lr(100)), 1e-4, rtol=1e-5)
 
 
-def test_run_from_config_saves_params_and_evaluates(tmp_path, monkeypatch, params):
-  monkeypatch.setattr(sft, "init_params", lambda cfg, rng: params)  # skip a re-compile
+def test_run_from_config_writes_a_run_directory_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                    params):
+  monkeypatch.setattr(sft.job, "init_params", lambda cfg, rng: params)  # skip a re-compile
   config = sft.default_config()
   config.model = dataclasses.asdict(CFG)
   config.sft.update({k: v for k, v in dataclasses.asdict(TOY_SFT).items()})
-  config.sft.update(n_examples=8, log_every=1)
+  config.sft.update(n_examples=8, log_every=1, checkpoint_every=20)
   config.data.update(tasks=("add",), difficulties=(1, 2), n_train=8, n_heldout=10)
   # Same settings and decode shapes as the toy run: nothing new to compile.
-  acc = sft.run_from_config(config, str(tmp_path), max_new_tokens=8)
+  run = tmp_path / "run"
+  acc = sft.run_from_config(config, str(run), max_new_tokens=8, progress=False)
   assert set(acc) == {"add/1", "add/2", "all"} and 0.0 <= acc["all"] <= 1.0
-  rows = [json.loads(line) for line in (tmp_path / "sft_metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in rows] == list(range(1, TOY_SFT.steps + 1))
-  assert json.loads((tmp_path / "sft_eval.json").read_text()) == acc
-  restored = ocp.StandardCheckpointer().restore(str(tmp_path / "sft_params"),
-                                                jax.eval_shape(lambda: params))
-  assert jax.tree.structure(restored) == jax.tree.structure(params)
+  rows = (run / "sft_metrics.jsonl").read_text().splitlines()
+  assert [json.loads(r)["step"] for r in rows] == list(range(1, TOY_SFT.steps + 1))
+  assert json.loads((run / "sft_eval.json").read_text()) == acc
+  assert params_io.run_steps(run) == [20, 40, 60]
+  cfg, trained = params_io.load_params(str(run))  # the trainer's init_from reads it so
+  assert cfg == CFG
+
+  # A run killed after step 40 (its later checkpoint and rows gone) continues
+  # on the same batches: the same rows and weights as the uninterrupted run.
+  shutil.rmtree(run / "checkpoints" / "60")
+  (run / "sft_metrics.jsonl").write_text("\n".join(rows[:45]) + "\n")
+  assert sft.run_from_config(config, str(run), max_new_tokens=8, progress=False) == acc
+  assert (run / "sft_metrics.jsonl").read_text().splitlines() == rows
+  _, again = params_io.load_params(str(run / "checkpoints" / "60"))
+  jax.tree.map(np.testing.assert_array_equal, again, trained)

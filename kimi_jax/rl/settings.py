@@ -10,12 +10,19 @@ before any work starts.
                 (`parallel.MeshConfig`; -1 on one axis = the devices left
                 over). Optional: the default 1 x 1 x 1 runs on one device.
 
-Two optional sources (README "Training on prompt files with a Hugging Face
-checkpoint"):
+Optional sources (README "Training on prompt files with a Hugging Face
+checkpoint", "long2short"):
   config.model.hf_path   a Hugging Face checkpoint directory: its config.json
                          gives the architecture (keys also set in
                          config.model must agree with it), its weights the
                          starting params (loaded by the trainer).
+  config.init_from       starting params from any checkpoint
+                         (`params_io.resolve`: an RL or SFT run directory,
+                         newest step, or RUN/checkpoints/<step>; an orbax
+                         model directory; a HF directory). Params only: the
+                         optimizer and host state start fresh. The
+                         architecture comes from the checkpoint (config.model
+                         may repeat it, and set dtypes / special ids).
   config.data.train_file prompt JSONL files + a tokenizer.json instead of the
                          synthetic tasks (`PromptFileData`).
 """
@@ -34,7 +41,7 @@ import ml_collections
 
 from kimi_jax import parallel
 from kimi_jax.data import synthetic
-from kimi_jax.models import hf
+from kimi_jax.models import hf, params_io
 from kimi_jax.models.transformer import ModelConfig, RopeScaling
 from kimi_jax.rl.losses import LossConfig
 from kimi_jax.rl.prompt_sampler import PromptSamplerConfig
@@ -271,13 +278,16 @@ class Settings:
   rl: RLExtras
   eval: EvalSettings
   hf_path: Optional[str] = None  # starting weights (else random init + SFT warm-up)
+  init_from: Optional[str] = None  # starting params from any checkpoint (params_io.resolve)
   decode_phases: int = 1  # rollout decode over a cache grown in this many steps (segment.py)
   mesh: parallel.MeshConfig = parallel.MeshConfig(data=1, fsdp=1, tensor=1)
 
 
-# Top-level keys of an RL config: scalars, then sub-dicts (`mesh` optional).
+# Top-level keys of an RL config: scalars, then sub-dicts (`mesh` optional),
+# then optional paths.
 SCALAR_KEYS = ("seed", "total_iterations", "eval_every", "checkpoint_every", "keep_checkpoints")
 SECTION_KEYS = ("model", "data", "sft", "rollout", "rl", "optim", "eval", "mesh")
+PATH_KEYS = ("init_from",)
 
 
 def _positive_int(config, name):
@@ -328,6 +338,25 @@ def _model(model: dict) -> tuple[ModelConfig, Optional[str]]:
   return cfg, hf_path
 
 
+def _init_from(path, model: dict, sft_steps: int) -> tuple[ModelConfig, str]:
+  """(ModelConfig, resolved path) of `config.init_from`."""
+  if not isinstance(path, str):
+    raise ConfigError(f"config.init_from must be a path (str), got {path!r}")
+  if model.get("hf_path"):
+    raise ConfigError("config.init_from and config.model.hf_path both name starting weights; "
+                      "keep one (init_from also takes a HF directory)")
+  if sft_steps:
+    raise ConfigError(f"config.sft.steps={sft_steps}: with config.init_from the params come "
+                      "from the checkpoint; set config.sft.steps=0 (launch.sft runs SFT from "
+                      "any checkpoint)")
+  model.pop("hf_path", None)
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    return params_io.config_for(params_io.resolve(path), model), path
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"config.init_from: {e}") from None
+
+
 def _data(data: dict):
   """Prompt files when config.data names a train_file, else synthetic tasks."""
   if "train_file" in data:
@@ -346,12 +375,11 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
   from kimi_jax.sft import SFTConfig  # heavy-ish import kept off module load
 
   c = config.to_dict()
-  check_keys("", c, SCALAR_KEYS + SECTION_KEYS)
+  check_keys("", c, SCALAR_KEYS + SECTION_KEYS + PATH_KEYS)
   top = {k: _positive_int(config, k) for k in SCALAR_KEYS}
   if top["eval_every"] < 1 or top["checkpoint_every"] < 1:
     raise ConfigError("config.eval_every and config.checkpoint_every must be >= 1")
 
-  model, hf_path = _model(_section(c, "model"))
   data = _data(_section(c, "data"))
   sft = _section(c, "sft")
   sft_keys = ("n_examples", "long_frac", "error_rate")
@@ -361,6 +389,11 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
     raise ConfigError(f"config.sft.steps must be an int >= 0, got {sft_steps!r}")
   sft_fields = {f.name for f in dataclasses.fields(SFTConfig)}
   check_keys("sft", sft, sft_fields | set(sft_keys))  # also when steps == 0 skips SFTConfig
+  init_from = c.get("init_from") or None
+  if init_from:
+    (model, init_from), hf_path = _init_from(init_from, _section(c, "model"), sft_steps), None
+  else:
+    model, hf_path = _model(_section(c, "model"))
 
   rollout = _section(c, "rollout")
   sampling_keys = ("temperature", "top_k", "top_p")
@@ -409,6 +442,7 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
       rl=_build(RLExtras, "rl", extras),
       eval=_build(EvalSettings, "eval", _section(c, "eval")),
       hf_path=hf_path,
+      init_from=init_from,
       decode_phases=decode_phases,
       mesh=_build(parallel.MeshConfig, "mesh", _section(c, "mesh", optional=True) or {"data": 1}),
   )

@@ -47,7 +47,7 @@ from kimi_jax.checkpointing import Checkpointer
 from kimi_jax.compile_count import total_compiles
 from kimi_jax.data import prompts as prompts_lib
 from kimi_jax.metrics import MetricsWriter, read_metrics
-from kimi_jax.models import hf
+from kimi_jax.models import hf, params_io
 from kimi_jax.models.transformer import init_params
 from kimi_jax.plots import write_plots
 from kimi_jax.rl import batch as batch_lib
@@ -92,10 +92,19 @@ def warm_up(s: settings_lib.Settings, params, task: tasks_lib.Task):
 
 def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key,
                    layout: parallel.Layout):
-  """Starting weights in `layout`: the HF checkpoint of `s.hf_path`, else
-  random init + SFT warm-up (if configured). Loading and the warm-up run
-  whole on every process (the same values on each); only random init alone
-  is created sharded."""
+  """Starting weights in `layout`: the params of `s.init_from` (any
+  checkpoint; orbax ones restore straight into the layout), the HF checkpoint
+  of `s.hf_path`, else random init + SFT warm-up (if configured). HF loading
+  and the warm-up run whole on every process (the same values on each)."""
+  if s.init_from:
+    t = time.perf_counter()
+    src = params_io.resolve(s.init_from)
+    like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        parallel.param_shapes(s.model), layout.params())
+    _, params = params_io.load_params(src, s.model, params_like=like)
+    logging.info("Started from %s %s%s in %.0f s", src.kind, src.path,
+                 f" step {src.step}" if src.step is not None else "", time.perf_counter() - t)
+    return distributed.place(params, layout.params()) if src.kind == "hf" else params
   if s.hf_path:
     t = time.perf_counter()
     cfg, params = hf.load_pretrained(s.hf_path, dtype=s.model.dtype,
@@ -313,6 +322,7 @@ def run(config, workdir: str) -> list[dict]:
                s.model.num_params() / 1e6, workdir)
   primary = distributed.is_primary()
   tr = Trainer(s, workdir)
+  params_io.write_config(s.model, workdir)  # the run's architecture, for init_from
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.keep_checkpoints)
   writer = (MetricsWriter(workdir, log_line=lambda it, row: console_line(
       it, s.total_iterations, row)) if primary else multihost.NullWriter())

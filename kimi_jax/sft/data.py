@@ -1,0 +1,151 @@
+"""SFT examples: synthetic traces, prompt/response JSONL files, and their tokenizer.
+
+A response file is JSONL, one example per line (UTF-8; blank lines ignored):
+
+  {"prompt": "Q:12+30=", "response": "A:42\\n", "id": "add-1f", "answer": "42"}
+
+`prompt` (non-empty string) and `response` (string) are required; other
+keys, such as the prompt-set fields (id, type, answer, difficulty, tags,
+source; kimi_jax/data/prompts.py) that `long2short.rejection` writes, are
+kept with the record and not used for training. Errors name file, line and
+field (`rs.jsonl:7: field 'response': missing`), as prompt files do.
+
+The codec turns text into ids with the tokenizer the trainer accepts:
+"bytes" (the synthetic tasks' byte vocabulary, no seqio import), a HF
+tokenizer.json (or its directory) or a SentencePiece model. Prompts are
+encoded as the trainer encodes them (no chat template, optional BOS, no
+EOS); the response is encoded on its own and `pack` appends the EOS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from kimi_jax.data import synthetic
+from kimi_jax.data.prompts import PromptFileError
+from kimi_jax.sft.packing import Example
+from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
+
+REQUIRED = ("prompt", "response")
+
+
+def synthetic_examples(problems: Sequence[synthetic.Problem], n_examples: int,
+                       encode: Callable[[str], list[int]], *, long_frac: float = 1.0,
+                       error_rate: float = 0.0, seed: int = 0) -> list[Example]:
+  """`n_examples` (prompt_ids, response_ids) pairs cycling over `problems`
+  (several traces of one problem differ in their slips)."""
+  if not problems:
+    raise ValueError("synthetic_examples needs at least one problem")
+  rng = np.random.default_rng([seed, 0x5F7])
+  out = []
+  for i in range(n_examples):
+    p = problems[i % len(problems)]
+    out.append((encode(p.prompt), encode(synthetic.sft_response(p, rng, long_frac, error_rate))))
+  return out
+
+
+# ---------------------------------------------------------------- response files
+
+def _check_record(obj, where: str) -> dict:
+  if not isinstance(obj, dict):
+    raise PromptFileError(where, f"expected a JSON object, got {type(obj).__name__}")
+  for name in REQUIRED:
+    if name not in obj:
+      near = difflib.get_close_matches(name, [k for k in obj if k not in REQUIRED], n=1,
+                                       cutoff=0.75)
+      hint = f" (found {near[0]!r}: a typo?)" if near else ""
+      raise PromptFileError(where, f"missing{hint}", name)
+    if not isinstance(obj[name], str):
+      raise PromptFileError(where, f"expected a string, got {type(obj[name]).__name__}", name)
+  if not obj["prompt"].strip():
+    raise PromptFileError(where, "must not be empty", "prompt")
+  return obj
+
+
+def read_responses(path: str | os.PathLike) -> list[dict]:
+  """The records of a response file, in file order. Raises FileNotFoundError,
+  or PromptFileError naming file:line:field at the first bad line or when
+  the file holds no record."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"response file {path} does not exist")
+  records = []
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      where = f"{path}:{line_no}"
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise PromptFileError(where, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+      if not text.strip():
+        continue
+      try:
+        obj = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise PromptFileError(where, f"not valid JSON: {e.msg} (column {e.colno})") from None
+      records.append(_check_record(obj, where))
+  if not records:
+    raise PromptFileError(path, "no records (an empty SFT set)")
+  return records
+
+
+def write_responses(records: Sequence[dict], path: str | os.PathLike) -> None:
+  """Writes records (each with prompt and response) as JSONL, atomically."""
+  path = os.fspath(path)
+  lines = []
+  for i, r in enumerate(records):
+    lines.append(json.dumps(_check_record(r, f"record {i}"), ensure_ascii=False) + "\n")
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(lines)
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+  """Text <-> ids of one tokenizer. encode_prompt: as the trainer encodes
+  prompts; encode_response: the response alone (no BOS, no EOS); decode:
+  ids up to the first EOS; eos_id; vocab_size: ids the tokenizer makes."""
+  encode_prompt: Callable[[str], list[int]]
+  encode_response: Callable[[str], list[int]]
+  decode: Callable[[Sequence[int]], str]
+  eos_id: int
+  vocab_size: int
+
+
+def make_codec(spec: str = "bytes", add_bos: bool = False) -> Codec:
+  """The codec of a tokenizer spec ("bytes", a tokenizer.json or its
+  directory, a *.model); FileNotFoundError / ValueError name the spec."""
+  if spec == "bytes":
+    if add_bos:
+      raise ValueError("tokenizer 'bytes' has no BOS token (add_bos must be False)")
+    # seqio.ByteVocabulary ids: pad 0, eos 1, unk 2, bytes 3..258.
+    return Codec(byte_encode, byte_encode, byte_decode, BYTE_EOS_ID, 259)
+  from kimi_jax import tokenizers  # pylint: disable=g-import-not-at-top  # imports seqio
+  vocab = tokenizers.load_vocabulary(spec)
+  return Codec(
+      encode_prompt=lambda text: tokenizers.encode_prompt(vocab, text, add_bos=add_bos),
+      encode_response=lambda text: [int(i) for i in vocab.encode(text)],
+      decode=lambda ids: tokenizers.decode_response(vocab, ids),
+      eos_id=int(vocab.eos_id), vocab_size=int(vocab.vocab_size))
+
+
+def response_examples(records: Sequence[dict], codec: Codec) -> list[Example]:
+  """(prompt_ids, response_ids) of response-file records."""
+  return [(codec.encode_prompt(r["prompt"]), codec.encode_response(r["response"]))
+          for r in records]
+
+
+def check_vocab(codec: Codec, vocab_size: int, what: str) -> None:
+  """ValueError when the model cannot embed every id the tokenizer makes."""
+  if codec.vocab_size > vocab_size:
+    raise ValueError(f"{what}: the model's vocab_size {vocab_size} is smaller than the "
+                     f"tokenizer's {codec.vocab_size} ids")
+

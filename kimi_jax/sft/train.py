@@ -1,0 +1,172 @@
+"""SFT training: response-only loss, optimizer, jitted step, the step loop.
+
+Axis legend: N packed rows, T sequence length, V vocab.
+
+The library entry point is `run_sft(cfg, params, examples, sft_cfg)`; the
+examples are packed by `kimi_jax.sft.packing` (whose docstring gives the
+loss alignment). A run can be continued from a saved step: pass its
+`opt_state` and `start_step` (the data stream is replayed up to it, so the
+continued run sees the batches an uninterrupted one would have).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from typing import Callable, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from kimi_jax.models.transformer import ModelConfig, Transformer
+from kimi_jax.sft.config import SFTConfig
+from kimi_jax.sft.packing import Example, PackedBatch, batches, pack
+
+LogFn = Callable[[int, dict], None]
+SaveFn = Callable[[int, object, object, list], None]  # (step, params, opt_state, history)
+
+
+def sft_loss(params, cfg: ModelConfig, batch: PackedBatch):
+  """Mean next-token cross-entropy (fp32) over masked targets.
+
+  Returns `(loss, metrics)`; metrics: loss, accuracy (greedy token accuracy
+  on the masked targets), tokens (number of masked targets), fill (fraction
+  of non-padding positions).
+  """
+  logits_NTV = Transformer(cfg).apply(
+      {"params": params}, batch.tokens_NT, positions_BT=batch.positions_NT,
+      segment_ids_BT=batch.segment_ids_NT)
+  logp_NTV = jax.nn.log_softmax(logits_NTV.astype(jnp.float32), axis=-1)
+  # Target of t is token t+1; the last column's target is a dummy 0 that the
+  # mask always excludes (see kimi_jax/sft/packing.py).
+  targets_NT = jnp.pad(batch.tokens_NT[:, 1:], ((0, 0), (0, 1)))
+  logp_NT = jnp.take_along_axis(logp_NTV, targets_NT[..., None], axis=-1)[..., 0]
+  mask_NT = batch.loss_mask_NT.astype(jnp.float32)
+  tokens = jnp.sum(mask_NT)
+  denom = jnp.maximum(tokens, 1.0)
+  loss = -jnp.sum(logp_NT * mask_NT) / denom
+  correct_NT = (jnp.argmax(logp_NTV, axis=-1) == targets_NT).astype(jnp.float32)
+  metrics = {"loss": loss, "accuracy": jnp.sum(correct_NT * mask_NT) / denom,
+             "tokens": tokens,
+             "fill": jnp.mean((batch.segment_ids_NT > 0).astype(jnp.float32))}
+  return loss, metrics
+
+
+def lr_schedule(sft_cfg: SFTConfig) -> optax.Schedule:
+  """Linear warm-up (the first step already uses a nonzero rate), then cosine."""
+  peak, warmup = sft_cfg.learning_rate, sft_cfg.warmup_steps
+  return optax.warmup_cosine_decay_schedule(
+      init_value=peak / warmup if warmup else peak, peak_value=peak,
+      warmup_steps=warmup, decay_steps=max(sft_cfg.steps, warmup + 1),
+      end_value=peak * sft_cfg.end_lr_frac)
+
+
+def make_optimizer(sft_cfg: SFTConfig) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW on `lr_schedule` (no decay on vectors)."""
+  return optax.chain(
+      optax.clip_by_global_norm(sft_cfg.clip_norm),
+      optax.adamw(lr_schedule(sft_cfg), b1=sft_cfg.b1, b2=sft_cfg.b2,
+                  weight_decay=sft_cfg.weight_decay,
+                  mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+
+
+def make_sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation):
+  """Jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`;
+  params and opt_state are donated. metrics add grad_norm (before clipping)."""
+
+  def step(params, opt_state, batch: PackedBatch):
+    grads, metrics = jax.grad(sft_loss, has_aux=True)(params, cfg, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, dict(metrics, grad_norm=optax.global_norm(grads))
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def optimizer_and_step(cfg: ModelConfig, sft_cfg: SFTConfig):
+  """(optimizer, jitted step) for these settings; runs that differ only in
+  data order, logging or checkpointing share one compiled step."""
+  return _optimizer_and_step(cfg, dataclasses.replace(sft_cfg, seed=0, log_every=1,
+                                                      checkpoint_every=0))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer_and_step(cfg: ModelConfig, sft_cfg: SFTConfig):
+  optimizer = make_optimizer(sft_cfg)
+  return optimizer, make_sft_step(cfg, optimizer)
+
+
+def run_sft(cfg: ModelConfig, params, examples: Sequence[Example], sft_cfg: SFTConfig, *,
+            eos_id: Optional[int] = None, pad_id: int = 0, log_fn: Optional[LogFn] = None,
+            progress: bool = True, opt_state=None, start_step: int = 0,
+            save_fn: Optional[SaveFn] = None):
+  """SFT of `params` on packed `examples` for `sft_cfg.steps` steps.
+
+  eos_id defaults to `cfg.eos_id`. The caller's `params` stay valid (the
+  loop donates a copy). Deterministic for a given `sft_cfg.seed` and params.
+  To continue a run, pass the `params` and `opt_state` saved after step
+  `start_step`. `save_fn(step, params, opt_state, history)` is called every
+  `sft_cfg.checkpoint_every` steps and after the last one, with the history
+  rows up to that step.
+  Returns `(params, history)`: history has one dict per step taken with step
+  (1-based), epoch, loss, accuracy, tokens, fill, grad_norm, learning_rate.
+  """
+  eos_id = cfg.eos_id if eos_id is None else eos_id
+  if eos_id is None:
+    raise ValueError("run_sft needs an eos_id (argument or ModelConfig.eos_id)")
+  if not examples:
+    raise ValueError("run_sft got no examples")
+  if not 0 <= start_step <= sft_cfg.steps or (start_step and opt_state is None):
+    raise ValueError(f"run_sft: start_step {start_step} needs 0 <= start_step <= "
+                     f"{sft_cfg.steps} and, when > 0, the saved opt_state")
+  _, skipped = pack(examples, sft_cfg.seq_len, eos_id, pad_id)
+  if skipped == len(examples):
+    raise ValueError(f"all {skipped} SFT examples are longer than seq_len={sft_cfg.seq_len}")
+  if skipped:
+    logging.warning("sft: skipping %d/%d examples longer than seq_len=%d",
+                    skipped, len(examples), sft_cfg.seq_len)
+
+  optimizer, step_fn = optimizer_and_step(cfg, sft_cfg)
+  params = jax.tree.map(jnp.copy, params)
+  opt_state = optimizer.init(params) if opt_state is None else jax.tree.map(jnp.copy, opt_state)
+  schedule = lr_schedule(sft_cfg)
+  lrs = np.asarray(jax.vmap(schedule)(jnp.arange(sft_cfg.steps)))
+  # Replaying the host-side stream (packing only) puts a continued run on the
+  # batches an uninterrupted run would have seen.
+  stream = itertools.islice(batches(examples, sft_cfg, eos_id, pad_id), start_step, None)
+  history: list[dict] = []
+  bar = tqdm.tqdm(total=sft_cfg.steps, initial=start_step, desc="sft", disable=not progress)
+
+  def record(i, epoch, metrics):
+    row = {"step": i + 1, "epoch": epoch, "learning_rate": float(lrs[i]),
+           **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+    history.append(row)
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}", refresh=False)
+    if log_fn is not None and (row["step"] % sft_cfg.log_every == 0
+                               or row["step"] == sft_cfg.steps):
+      log_fn(row["step"], row)
+
+  # Metrics are fetched one step late so the host packs the next batch while
+  # the device computes.
+  pending = None
+  for i in range(start_step, sft_cfg.steps):
+    epoch, batch = next(stream)
+    params, opt_state, metrics = step_fn(params, opt_state, batch)
+    if pending is not None:
+      record(*pending)
+    pending = (i, epoch, metrics)
+    done = i + 1
+    if save_fn is not None and (done == sft_cfg.steps or (
+        sft_cfg.checkpoint_every and done % sft_cfg.checkpoint_every == 0)):
+      record(*pending)  # the saved step's metrics row exists before its checkpoint
+      pending = None
+      save_fn(done, params, opt_state, history)
+  if pending is not None:
+    record(*pending)
+  bar.close()
+  return params, history
