@@ -35,6 +35,7 @@ import errno
 import glob
 import os
 import shutil
+import sys
 from typing import Any, NamedTuple, Optional
 
 from absl import logging
@@ -143,6 +144,7 @@ class Checkpointer:
       host[PROCESSES] = distributed.allgather_json(
           _to_json(process_state, "process_state"))
     self._saving = step
+    _ignore_closed_loop_callbacks()
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(params),
@@ -333,6 +335,28 @@ def _to_json(x: Any, path: str) -> Any:
   if isinstance(x, float):
     return x  # NaN / inf are written as the NaN / Infinity JSON extensions
   raise TypeError(f"{path}: {type(x).__name__} is not JSON-able")
+
+
+def _ignore_closed_loop_callbacks() -> None:
+  """When one write of a save fails (a full disk), orbax closes its event loop
+  while tensorstore still completes the other writes; their callbacks then
+  raise RuntimeError('Event loop is closed') into sys.unraisablehook, which
+  prints a traceback per array around our one-line error. They are harmless
+  (the save is reported and its partial step removed), so only those are
+  dropped, logged at debug level; every other unraisable is printed as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_kimi_jax_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+      logging.debug("ignored a write callback after a failed checkpoint save: %s", e)
+      return
+    previous(unraisable)
+
+  hook._kimi_jax_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _no_space(e: BaseException) -> bool:
