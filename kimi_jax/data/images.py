@@ -150,16 +150,42 @@ def is_data_uri(ref: str) -> bool:
   return ref.startswith(DATA_URI_PREFIX)
 
 
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def resolve(ref: str, base_dir: str) -> str:
+  """A path relative to `base_dir` made absolute (normalised); absolute paths,
+  "scheme://" paths and data URIs unchanged."""
+  if is_data_uri(ref) or _is_remote(ref) or os.path.isabs(ref):
+    return ref
+  if _is_remote(base_dir):
+    return base_dir.rstrip("/") + "/" + ref
+  return os.path.normpath(os.path.join(base_dir, ref))
+
+
+def relative(ref: str, base_dir: str) -> str:
+  """A local path relative to `base_dir` (inverse of `resolve`); others unchanged."""
+  if is_data_uri(ref) or _is_remote(ref) or _is_remote(base_dir):
+    return ref
+  return os.path.relpath(os.path.abspath(ref), base_dir)
+
+
+def describe(ref: str) -> str:
+  """`ref` for a message: a data URI shortened."""
+  return ref if not is_data_uri(ref) else ref[:40] + "..."
+
+
 def data_uri_bytes(ref: str) -> bytes:
   """The encoded image inside "data:image/<type>;base64,<data>"; ImageError if malformed."""
   head, sep, data = ref.partition(",")
   if not sep or not head.endswith(";base64") or not is_data_uri(head):
     raise ImageError(f"not a base64 image data URI (expected 'data:image/png;base64,...', "
-                     f"got {ref[:40]!r}...)")
+                     f"got {describe(ref)!r})")
   try:
     return base64.b64decode(data, validate=True)
   except (binascii.Error, ValueError) as e:
-    raise ImageError(f"data URI is not valid base64 ({e})") from None
+    raise ImageError(f"data URI {describe(ref)!r} is not valid base64 ({e})") from None
 
 
 def to_data_uri(data: bytes) -> str:
@@ -169,9 +195,16 @@ def to_data_uri(data: bytes) -> str:
 
 
 def image_bytes(ref: str) -> bytes:
-  """The encoded bytes of a path or data URI (FileNotFoundError / ImageError)."""
+  """The encoded bytes of a path ("scheme://" through tf.io.gfile) or data URI.
+  FileNotFoundError / ImageError naming `ref`."""
   if is_data_uri(ref):
     return data_uri_bytes(ref)
+  if _is_remote(ref):
+    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+    if not gfile.exists(ref):
+      raise FileNotFoundError(f"image file {ref} does not exist")
+    with gfile.GFile(ref, "rb") as f:
+      return f.read()
   if not os.path.isfile(ref):
     raise FileNotFoundError(f"image file {ref} does not exist")
   with open(ref, "rb") as f:
@@ -189,8 +222,12 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def load_image(ref: str) -> Image.Image:
-  """A decoded image from a path or a base64 data URI."""
-  return decode_image(image_bytes(ref))
+  """A decoded image from a path or a base64 data URI; errors name `ref`."""
+  data = image_bytes(ref)
+  try:
+    return decode_image(data)
+  except ImageError as e:
+    raise ImageError(f"{describe(ref)}: {e}") from None
 
 
 # ------------------------------------------------------------ preprocessing
