@@ -218,3 +218,17 @@ def test_merge_keeps_extra_placeholders_and_checks_static_shapes():
     V.merge_image_features(x, tokens, np.ones((3, 2, 4), np.float32), 9, 2)
   with pytest.raises(ValueError, match="6 image slots x 2 patches do not fit in 10"):
     V.merge_image_features(x, tokens, np.ones((6, 2, 4), np.float32), 9, 6)
+
+
+def test_sampled_image_ids_outside_the_prompt_stay_tokens():
+  x, tokens = _batch([1, 1])
+  x = np.concatenate([x, np.ones((2, 1, 4), np.float32)], 1)
+  tokens = np.concatenate([tokens, np.full((2, 1), 9, np.int32)], 1)  # "sampled" after the prompt
+  prompt = np.ones_like(tokens, bool)
+  prompt[:, -1] = False
+  feats = np.random.default_rng(1).normal(size=(4, 2, 4)).astype(np.float32)
+  got = np.asarray(V.merge_image_features(x, tokens, feats, 9, 2, prompt_BT=prompt))
+  ref_tokens = np.where(prompt, tokens, 0)
+  np.testing.assert_array_equal(got, _merge_reference(x, ref_tokens, feats, 9, per_row=2))
+  V.check_image_placeholders(tokens, 4, 2, 9, images_per_row=2, images_in_row=[1, 1],
+                             prompt_BT=prompt)

@@ -326,8 +326,8 @@ def param_logical_axes(cfg: VisionConfig, out_dim: int) -> dict:
 
 
 def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, feats_NPD: jax.Array,
-                         image_token_id: int, images_per_row: Optional[int] = None
-                         ) -> jax.Array:
+                         image_token_id: int, images_per_row: Optional[int] = None,
+                         prompt_BT: Optional[jax.Array] = None) -> jax.Array:
   """Token embeddings with the image placeholders replaced by image features.
 
   Args:
@@ -341,6 +341,9 @@ def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, feats_NPD: jax.
       placeholders take them in order; slots after a row's last image are
       padding and never read. Per-row indexing keeps the gather within a
       row, so it stays local when rows are sharded.
+    prompt_BT: bool, where placeholders may be (default everywhere): the
+      prompt positions of a row that also holds sampled tokens, so that a
+      sampled image id stays an ordinary token, as in HF generation.
 
   Returns `[B, T, D]`. Shapes that cannot match raise ValueError here (at
   trace time). Whether the placeholder count matches the images depends on
@@ -355,6 +358,8 @@ def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, feats_NPD: jax.
   if tokens_BT.shape != (B, T):
     raise ValueError(f"tokens {tokens_BT.shape} do not match embeddings {x_BTD.shape}")
   is_image_BT = tokens_BT == image_token_id
+  if prompt_BT is not None:
+    is_image_BT = is_image_BT & prompt_BT
   if images_per_row is None:
     if N * P > B * T:
       raise ValueError(f"{N} images x {P} patches do not fit in {B} x {T} tokens")
@@ -378,16 +383,19 @@ def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, feats_NPD: jax.
 
 def check_image_placeholders(tokens_BT, num_images: int, tokens_per_image: int,
                              image_token_id: int, images_per_row: Optional[int] = None,
-                             images_in_row=None) -> None:
+                             images_in_row=None, prompt_BT=None) -> None:
   """Raise ValueError unless the placeholders in host `tokens_BT` match the images.
 
   Without `images_per_row`: the batch holds `num_images * tokens_per_image`
   placeholders. With S = `images_per_row`: each row holds a whole number of
   images, at most S; `images_in_row` (int `[B]`, optional) pins each row's
-  count. The message names the row and both counts.
+  count; `prompt_BT` as in `merge_image_features`. The message names the
+  row and both counts.
   """
-  tokens_BT = np.asarray(tokens_BT)
-  counts_B = (tokens_BT == image_token_id).sum(axis=-1)
+  is_image_BT = np.asarray(tokens_BT) == image_token_id
+  if prompt_BT is not None:
+    is_image_BT &= np.asarray(prompt_BT, bool)
+  counts_B = is_image_BT.sum(axis=-1)
   P = tokens_per_image
   if images_per_row is None:
     total = int(counts_B.sum())
