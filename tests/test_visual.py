@@ -110,12 +110,20 @@ def test_traces_verify_and_fit_budgets(task, d, error_rate):
       assert V.extract_answer(response) == p.answer and V.reward(p, response) == 1.0
     long = V.long_cot(p, rng, error_rate)
     assert long[0] != "A"  # the first byte tells the mode
-    if task in ("count", "compare"):  # every relevant object is read, in reading order
-      cells = re.findall(r"(?:^|;)(r\d)(c\d)", long)
-      listed = [(int(r[1]), int(c[1])) for r, c in cells]
-      clean = [(int(r[1]), int(c[1])) for r, c in
-               re.findall(r"(?:^|;)(r\d)(c\d)", V.long_cot(p, rng, 0.0))]
-      assert listed == clean == sorted(clean)
+    if task in ("count", "compare"):  # rows top to bottom, each with its true count
+      clean = V.long_cot(p, rng, 0.0)
+      words = p.body.split()
+      rows = [[o for o in p.scene_dict["objects"] if (o[3] + 3) // 8 == r] for r in range(4)]
+      if task == "count":
+        want = [sum(o[1] == words[1] and (len(words) == 2 or o[0] == words[2]) for o in row)
+                for row in rows]
+        got = [int(k) for k in re.findall(r"r\d\+(\d)=", clean)]
+      else:
+        want = np.cumsum([[sum(o[1] == c for o in row) for c in (words[1], words[3])]
+                          for row in rows], 0).tolist()
+        got = [[int(a), int(b)] for a, b in re.findall(r"r\d (\d+),(\d+)", clean)]
+      assert re.findall(r"(?:^|;)r(\d)", clean) == ["1", "2", "3", "4"]
+      assert got == want, clean
 
 
 def test_slips_are_corrected():
@@ -127,8 +135,10 @@ def test_slips_are_corrected():
       # A trace whose slips overflow the byte budget falls back to the clean one.
       assert " wait " in trace or trace == V.long_cot(p, rng, 0.0)
       slipped += " wait " in trace
-      for wrong, right in re.findall(r"=(\d+) wait [^=]+=(\d+)", trace):
-        assert wrong != right
+      clean = V.long_cot(p, rng, 0.0).split(";")
+      for wrong, right in re.findall(r"([^;]+) wait ([^;]+)", trace):
+        step = lambda x: x.split("=")[0] if "=" in x else x.split(" ")[0]  # noqa: E731
+        assert wrong != right and step(wrong) == step(right) and right in clean
       assert V.reward(p, trace) == 1.0
     assert slipped >= 15, task
 

@@ -14,9 +14,12 @@ add objects, distractors, and place things across patch borders.
 
 Text format (ASCII; one byte = one token in the byte vocabulary):
   prompt    IMAGE_MARKER + "Q:" + body + "=", e.g. "<image>Q:count red="
-  response  long:  steps joined by ";" then ";A:<answer>\\n", the steps
-                   reading the scene in order ("r1c2 red dot=1;r3c1 blue box;
-                   A:1"), then any arithmetic as `data/synthetic.py` writes it
+  response  long:  steps joined by ";" then ";A:<answer>\\n": the scene read
+                   a row of patches at a time with running totals
+                   ("r1+0=0;r2+1=1;r3+2=3;r4+0=3;A:3"), named objects located
+                   ("red dot r3c2;blue box r3c1;c2>c1;A:right"), bars read left
+                   to right, or the pixels transcribed ("see 47+38") and then
+                   worked as `data/synthetic.py` works the arithmetic
             short: "A:<answer>\\n"
   answer    lowercase letters and digits ("3", "red", "left").
 A long trace never starts with "A" (it starts reading the scene): as in

@@ -172,15 +172,19 @@ def _count_answer(body, scene):
   return str(sum(_count_matches(body, o) for o in scene["objects"]))
 
 
+def _row_counts(scene, keep) -> list[int]:
+  """Objects `keep` accepts in each row of cells, top to bottom."""
+  return [sum(keep(o) for o in scene["objects"] if cell(o)[0] == row)
+          for row in range(1, GRID + 1)]
+
+
 def _count_long(body, scene, rng, error_rate):
-  segments, k = [], 0
-  for obj in reading_order(scene["objects"]):
-    lhs = f"{label(obj)} {obj[1]} {obj[0]}"
-    if _count_matches(body, obj):
-      k += 1
-      segments.append(_step(lhs, k, rng, error_rate))
-    else:
-      segments.append(lhs)
+  """Row by row, a running total: "r3+2=3" = two in row 3, three so far. Each
+  step looks at one row of patches and adds a small number to the line before."""
+  segments, total = [], 0
+  for row, k in enumerate(_row_counts(scene, lambda o: _count_matches(body, o)), 1):
+    total += k
+    segments.append(_step(f"r{row}+{k}", total, rng, error_rate))
   return segments
 
 
@@ -214,13 +218,18 @@ def _compare_answer(body, scene):
 
 
 def _compare_long(body, scene, rng, error_rate):
+  """Row by row, both running totals: "r2 1,3" = 1 of the first colour and 3
+  of the second in rows 1-2; then the comparison."""
   a, b, (na, nb) = _compare_counts(body, scene)
-  seen, segments = {a: 0, b: 0}, []
-  for obj in reading_order(scene["objects"]):
-    if obj[1] in seen:
-      seen[obj[1]] += 1
-      segments.append(_step(f"{label(obj)} {obj[1]}", seen[obj[1]], rng, error_rate))
-  segments.append(f"{a} {na} {b} {nb}")
+  segments, sa, sb = [], 0, 0
+  for row, (ka, kb) in enumerate(zip(_row_counts(scene, lambda o: o[1] == a),
+                                     _row_counts(scene, lambda o: o[1] == b)), 1):
+    sa, sb = sa + ka, sb + kb
+    right = f"r{row} {sa},{sb}"
+    if error_rate > 0 and rng.random() < error_rate:
+      right = f"r{row} {sa + 1},{sb}{CORRECTION}{right}"
+    segments.append(right)
+  segments.append(f"{na}{'>' if na > nb else '<'}{nb}")
   return segments
 
 
