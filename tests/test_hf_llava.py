@@ -221,6 +221,19 @@ def test_every_transformers_name_layout_loads(tmp_path, loaded, layout):
   _assert_trees_equal(hf_llava.load_pretrained(model, param_dtype="float32")[1], params)
 
 
+def test_llava_onevision_directories_load_as_llava(tmp_path, loaded):
+  cfg, params = loaded[QWEN2]
+  model = _edit_config(tmp_path, lambda c: c.update(
+      model_type="llava_onevision", architectures=["LlavaOnevisionForConditionalGeneration"],
+      image_grid_pinpoints=[[32, 32]], vision_aspect_ratio="anyres_max_9"))
+  tensors = load_file(model / "model.safetensors")
+  tensors["image_newline"] = np.zeros((32,), np.float32)
+  save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+  cfg2, params2 = hf_llava.load_pretrained(model, param_dtype="float32")
+  assert cfg2 == cfg
+  _assert_trees_equal(params2, params)
+
+
 # --------------------------------------------------------------- bad input
 
 
@@ -243,7 +256,7 @@ def _edit_config(tmp_path, edit, name=QWEN2):
     (lambda c: c["vision_config"].update(image_size=[32, 48]), "only square images"),
     (lambda c: c.pop("text_config"), "missing or invalid 'text_config'"),
     (lambda c: c["text_config"].update(hidden_act="gelu"), "text_config: hidden_act 'gelu'"),
-    (lambda c: c.update(model_type="qwen2"), "model_type 'qwen2' is not 'llava'"),
+    (lambda c: c.update(model_type="qwen2"), "model_type 'qwen2' is not one of"),
 ])
 def test_unsupported_configs_are_rejected(tmp_path, edit, message):
   with pytest.raises(hf.HFCheckpointError, match=message):

@@ -21,6 +21,13 @@ checkpoints and transformers 4, the `model.language_model.*` /
 transformers 4 and 5 both load. A SigLIP pooling head (`vision_use_head`)
 is not used by LLaVA and is dropped on reading.
 
+LLaVA-OneVision directories (`llava_onevision`, e.g.
+llava-onevision-qwen2-0.5b-ov-hf) have the same tower, projector and LM and
+load too, as a starting point: their `image_newline` vector is dropped, and
+an image is its base (resized) view alone, without anyres tiles or newline
+tokens, so outputs differ from transformers' LlavaOnevision on the same
+image (a warning says so). Saving always writes a plain LLaVA directory.
+
 Axis legend: W vision width, H vision heads, E vision head dim, F vision
 MLP width, C channels, s patch side, P patches, D LM width. torch `Linear`
 weights are `[out, in]`, ours `[in, ...]`:
@@ -69,6 +76,8 @@ _ALIASES = (
     ("model.language_model.", _LM), (_LM, _LM),
     ("lm_head.weight", _LM_HEAD), (_LM_HEAD, _LM_HEAD))
 _POOLING_HEAD = re.compile(re.escape(_TOWER) + r"head\.")
+MODEL_TYPES = ("llava", "llava_onevision")
+_ONEVISION_ONLY = ("image_newline", "model.image_newline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +104,9 @@ def config_from_hf(hf_config: Mapping[str, Any], *, param_dtype: str = "float32"
   def fail(msg):
     raise HFCheckpointError(f"{source}: {msg}")
 
-  if hf_config.get("model_type") != "llava":
-    fail(f"model_type {hf_config.get('model_type')!r} is not 'llava' (text-only Llama / Qwen2 "
-         "directories load with models.hf.load_pretrained)")
+  if hf_config.get("model_type") not in MODEL_TYPES:
+    fail(f"model_type {hf_config.get('model_type')!r} is not one of {MODEL_TYPES} (text-only "
+         "Llama / Qwen2 directories load with models.hf.load_pretrained)")
   text, vis = hf_config.get("text_config"), hf_config.get("vision_config")
   for name, sub in (("text_config", text), ("vision_config", vis)):
     if not isinstance(sub, Mapping):
@@ -280,9 +289,15 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
   files = hf._TensorFiles(path)  # pylint: disable=protected-access
   hub: dict[str, str] = {}
   unexpected, dropped = [], []
+  onevision = hf_config.get("model_type") == "llava_onevision"
+  if onevision:
+    logging.warning("%s: LLaVA-OneVision checkpoint read as LLaVA: images are their base "
+                    "view only (no anyres tiles, no image_newline); outputs differ from "
+                    "transformers' LlavaOnevision", path)
   for stored in sorted(files.location):
     name = _hub_name(stored)
-    if name is not None and _POOLING_HEAD.match(name):
+    if (name is not None and _POOLING_HEAD.match(name)) or (
+        onevision and stored in _ONEVISION_ONLY):
       dropped.append(stored)
     elif name is None:
       unexpected.append(stored)
@@ -292,8 +307,8 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
     else:
       hub[name] = stored
   if dropped:
-    logging.info("%s: dropped %d tensors of the SigLIP pooling head (LLaVA does not use it)",
-                 path, len(dropped))
+    logging.info("%s: dropped %d tensors LLaVA does not use: %s", path, len(dropped),
+                 ", ".join(dropped[:4]))
   if param_dtype is None:
     embed = f"{_LM}embed_tokens.weight"
     if embed not in hub:
