@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "sentencepiece>=0.2",
     "math-verify>=0.7",
     "matplotlib>=3.8",
+    "pillow>=10",  # prompt images: decoding and HF-equal resizing (data/images.py)
     "tqdm>=4.66",
 ]
 

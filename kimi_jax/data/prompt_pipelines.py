@@ -12,18 +12,24 @@
 
 TFDS example (tf.string scalars unless noted): id, prompt, type, answer ("" for
 none), tests (the tests list as a JSON string), difficulty (tf.float64, NaN
-for none), tags (tf.string[n]), source. The schema forbids an empty answer
-and a NaN difficulty, so `prompt_from_example` recovers the exact Prompt.
+for none), tags (tf.string[n]), source, images (tf.string[n]: each image's
+encoded file bytes, so prepared data does not depend on the image files).
+The schema forbids an empty answer and a NaN difficulty, so
+`prompt_from_example` recovers the exact Prompt, except that images come
+back as inline data URIs (same bytes) instead of paths.
 
 seqio task example: the TFDS example plus `inputs`, tf.int32[T], the prompt's
 token ids as `tokenizers.encode_prompt` makes them (no EOS, optional BOS).
+An "<image>" marker stays text here: its expansion into one placeholder id
+per image patch depends on the model (`data.images.encode_with_images`).
 Prompts longer than `max_prompt_length` tokens are dropped, never truncated
 (a cut problem statement has another answer); use `count_overlong` to see
 how many.
 
 Caching: the prepared data sits under DATA_DIR/prompt_set/<config>/1.0.0,
-where <config> is the file's stem plus a hash of its bytes (and of
-skip_invalid), so an edited file is prepared afresh instead of served stale.
+where <config> is the file's stem plus a hash of its bytes, of skip_invalid
+and of the size and modification time of each image file it names, so an
+edited file or image is prepared afresh instead of served stale.
 On a multi-host job prepare once (e.g. process 0, or before the job):
 TFDS writes into a temporary directory and renames it into place.
 
@@ -73,13 +79,35 @@ def prompt_set_config(jsonl_path: Union[str, os.PathLike], *,
     raise FileNotFoundError(f"prompt file {jsonl_path} does not exist")
   digest = hashlib.sha256(f"skip_invalid={skip_invalid}\n".encode())
   with tf.io.gfile.GFile(jsonl_path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
+    for line in f:
+      digest.update(line)
+      if b'"images"' in line:
+        digest.update(_image_stats(line, jsonl_path))
   stem = os.path.splitext(os.path.basename(jsonl_path))[0]
   stem = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_")[:64] or "prompts"
   return PromptSetConfig(name=f"{stem}-{digest.hexdigest()[:12]}", jsonl_path=jsonl_path,
                          skip_invalid=skip_invalid,
                          description=f"prompt set {jsonl_path} (skip_invalid={skip_invalid})")
+
+
+def _image_stats(line: bytes, jsonl_path: str) -> bytes:
+  """Size and mtime of the image files one JSONL line names (b"" if it has
+  none or does not parse: reading the file reports that, naming the line)."""
+  from kimi_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  try:
+    refs = json.loads(line).get("images")
+  except (ValueError, AttributeError):
+    return b""
+  stats = []
+  for ref in refs if isinstance(refs, list) else ():
+    if isinstance(ref, str) and not images_lib.is_data_uri(ref):
+      path = images_lib.resolve(ref, os.path.dirname(jsonl_path) or ".")
+      try:
+        st = tf.io.gfile.stat(path)
+        stats.append(f"{path}:{st.length}:{st.mtime_nsec}")
+      except tf.errors.OpError:
+        stats.append(f"{path}:missing")
+  return "\n".join(stats).encode()
 
 
 class PromptSetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -92,8 +120,9 @@ class PromptSetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   preparing, or are skipped and logged with skip_invalid=True.
   """
   name = "prompt_set"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Schema of kimi_jax.data.prompts."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Schema of kimi_jax.data.prompts.",
+                   "1.1.0": "images: encoded image bytes per prompt."}
 
   def __init__(self, *, jsonl_path: Optional[Union[str, os.PathLike]] = None,
                skip_invalid: bool = False, config: Optional[PromptSetConfig] = None,
@@ -109,7 +138,8 @@ class PromptSetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     features = tfds.features.FeaturesDict({
         "id": text(), "prompt": text(), "type": text(), "answer": text(),
         "tests": text(), "difficulty": tfds.features.Scalar(dtype=np.float64),
-        "tags": tfds.features.Sequence(text()), "source": text()})
+        "tags": tfds.features.Sequence(text()), "source": text(),
+        "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))})
     return self.dataset_info_from_configs(features=features, disable_shuffling=True)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -132,7 +162,13 @@ def prompt_to_example(prompt: prompts_lib.Prompt) -> dict[str, Any]:
           "answer": prompt.answer or "",
           "tests": json.dumps([dict(t) for t in prompt.tests], ensure_ascii=False),
           "difficulty": math.nan if prompt.difficulty is None else prompt.difficulty,
-          "tags": list(prompt.tags), "source": prompt.source}
+          "tags": list(prompt.tags), "source": prompt.source,
+          "images": [_image_bytes(ref) for ref in prompt.images]}
+
+
+def _image_bytes(ref: str) -> bytes:
+  from kimi_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  return images_lib.image_bytes(ref)
 
 
 def _text(value: Any) -> str:
@@ -148,12 +184,17 @@ def prompt_from_example(example: Mapping[str, Any]) -> prompts_lib.Prompt:
   """
   difficulty = float(example["difficulty"])
   where = f"example {_text(example['id'])!r}"
+  images = []
+  if len(example.get("images", ())):
+    from kimi_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+    images = [images_lib.to_data_uri(bytes(b)) for b in example["images"]]
   return prompts_lib.Prompt.from_json({
       "id": _text(example["id"]), "prompt": _text(example["prompt"]),
       "type": _text(example["type"]), "answer": _text(example["answer"]) or None,
       "tests": json.loads(_text(example["tests"])),
       "difficulty": None if math.isnan(difficulty) else difficulty,
-      "tags": [_text(t) for t in example["tags"]], "source": _text(example["source"])}, where)
+      "tags": [_text(t) for t in example["tags"]], "source": _text(example["source"]),
+      "images": images}, where)
 
 
 def register_task(name: str, jsonl_path: Union[str, os.PathLike],

@@ -22,9 +22,19 @@ is an error: a typo must not silently drop a field):
               1 - pass rate as `data.curation` writes it)
   tags        list of strings (domain, discipline, ...), for balancing
   source      string naming where the prompt came from
+  images      list of images the prompt shows the model, each a path (relative
+              to the JSONL file's directory, or absolute) or an inline
+              "data:image/png;base64,..." URI. Every image must exist and
+              decode. The text marks where each goes with "<image>"
+              (`data.images.IMAGE_MARKER`); with no marker the images come
+              before the text, with markers there is one per image.
 
 Errors name file, line (1-based) and field:
   prompts.jsonl:17: field 'answer': expected a string, got int
+  prompts.jsonl:18: field 'images[1]': image file /data/img/cat.png does not exist
+
+Reading resolves image paths against the file's directory (a Prompt holds
+them resolved); `write_jsonl` writes local paths relative to its output file.
 
 Sharding: `shard(prompts, i, n)` gives host i the prompts at 0-based
 positions p with p % n == i, in file order. This is the rule of
@@ -45,7 +55,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 PROMPT_TYPES = ("math", "code", "multiple_choice", "true_false", "proof")
 # Types whose reward compares a final answer with `answer`.
 ANSWER_TYPES = ("math", "multiple_choice", "true_false")
-FIELDS = ("id", "type", "prompt", "answer", "tests", "difficulty", "tags", "source")
+FIELDS = ("id", "type", "prompt", "answer", "tests", "difficulty", "tags", "source", "images")
+IMAGE_MARKER = "<image>"  # = data.images.IMAGE_MARKER (imported only for image prompts: PIL)
 _REQUIRED = ("id", "prompt", "type")
 _TEST_KEYS = ("input", "output", "call")
 
@@ -115,8 +126,43 @@ def _check_tests(tests: Any, where: str) -> tuple:
   return tuple(checked)
 
 
-def _check_fields(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
-  """Validated, normalised constructor arguments of `Prompt` (tuples, float difficulty)."""
+def _check_images(images: Any, text: str, where: str, base_dir: Optional[str]) -> tuple:
+  """The image references, relative paths resolved against `base_dir` (the
+  files themselves are checked by `_check_image_content`)."""
+  if isinstance(images, (str, bytes, Mapping)) or not isinstance(images, (list, tuple)):
+    raise PromptFileError(where, f"expected a list of image paths or data URIs, got "
+                          f"{_kind(images)}", "images")
+  for i, ref in enumerate(images):
+    if not isinstance(ref, str) or not ref.strip():
+      raise PromptFileError(where, f"expected a path or data URI, got {ref!r}"[:200],
+                            f"images[{i}]")
+  markers = text.count(IMAGE_MARKER)
+  if markers and markers != len(images):
+    raise PromptFileError(where, f"{len(images)} images but the prompt has {markers} "
+                          f"'{IMAGE_MARKER}' markers (one per image, or none: the images "
+                          "then come before the text)", "images")
+  if not images or base_dir is None:
+    return tuple(images)
+  from kimi_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  return tuple(images_lib.resolve(ref, base_dir) for ref in images)
+
+
+def _check_image_content(images: Sequence[str], where: str) -> None:
+  """Every image exists and decodes (PromptFileError naming `images[i]`)."""
+  if not images:
+    return
+  from kimi_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  for i, ref in enumerate(images):
+    try:
+      images_lib.load_image(ref)
+    except (images_lib.ImageError, FileNotFoundError) as e:
+      raise PromptFileError(where, str(e), f"images[{i}]") from None
+
+
+def _check_fields(obj: Mapping[str, Any], where: str,
+                  base_dir: Optional[str] = None) -> dict[str, Any]:
+  """Validated, normalised constructor arguments of `Prompt` (tuples, float
+  difficulty, image paths joined to `base_dir`)."""
   for key in obj:
     if key not in FIELDS:
       near = [f for f in FIELDS if _one_edit_apart(key.lower(), f)]
@@ -165,6 +211,7 @@ def _check_fields(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(tag, str) or not tag:
       raise PromptFileError(where, f"expected a non-empty string, got {tag!r}", f"tags[{i}]")
   out["tags"] = tuple(tags)
+  out["images"] = _check_images(obj.get("images", ()), out["prompt"], where, base_dir)
   return out
 
 
@@ -174,7 +221,10 @@ class Prompt:
 
   Constructing one validates it (lists become tuples, an int difficulty a
   float); a bad value raises PromptFileError. `tests` is a tuple of dicts and
-  is left out of hashing, so prompts can key dicts and sets.
+  is left out of hashing, so prompts can key dicts and sets; so are `images`
+  (inline data can be large). Built in code, image files are not opened
+  (relative paths are relative to the working directory); `from_json` and
+  `read_jsonl` check that each exists and decodes.
   """
   id: str
   prompt: str
@@ -184,6 +234,7 @@ class Prompt:
   difficulty: Optional[float] = None
   tags: tuple = ()
   source: str = ""
+  images: tuple = dataclasses.field(default=(), hash=False)  # paths / data URIs
 
   def __post_init__(self):
     where = f"Prompt {self.id!r}" if isinstance(self.id, str) else "Prompt"
@@ -205,14 +256,19 @@ class Prompt:
       obj["tags"] = list(self.tags)
     if self.source:
       obj["source"] = self.source
+    if self.images:
+      obj["images"] = list(self.images)
     return obj
 
   @classmethod
-  def from_json(cls, obj: Any, where: str) -> Prompt:
-    """The prompt of one parsed JSON value; PromptFileError (naming `where`) if invalid."""
+  def from_json(cls, obj: Any, where: str, base_dir: Optional[str] = None) -> Prompt:
+    """The prompt of one parsed JSON value; PromptFileError (naming `where`) if
+    invalid. Relative image paths are joined to `base_dir`; images are decoded."""
     if not isinstance(obj, dict):
       raise PromptFileError(where, f"expected a JSON object, got {_kind(obj)}")
-    return cls(**_check_fields(obj, where))
+    fields = _check_fields(obj, where, base_dir)
+    _check_image_content(fields["images"], where)
+    return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +313,7 @@ class _DuplicateKey(Exception):
   pass
 
 
-def _parse_line(raw: bytes, where: str) -> Optional[Prompt]:
+def _parse_line(raw: bytes, where: str, base_dir: Optional[str] = None) -> Optional[Prompt]:
   """The prompt on one line; None for a blank line; PromptFileError if invalid."""
   try:
     text = raw.decode("utf-8")
@@ -274,7 +330,7 @@ def _parse_line(raw: bytes, where: str) -> Optional[Prompt]:
     raise PromptFileError(where, "appears twice in the object", str(e)) from None
   except RecursionError:
     raise PromptFileError(where, "not valid JSON: nested too deeply") from None
-  return Prompt.from_json(obj, where)
+  return Prompt.from_json(obj, where, base_dir)
 
 
 def read_jsonl(path: Union[str, os.PathLike], *, skip_invalid: bool = False) -> PromptSet:
@@ -295,11 +351,12 @@ def read_jsonl(path: Union[str, os.PathLike], *, skip_invalid: bool = False) -> 
   if not _is_remote(path) and not os.path.exists(path):
     raise FileNotFoundError(f"prompt file {path} does not exist")
   prompts, errors, first_line = [], [], {}
+  base_dir = _dirname(path)
   with _open(path, "rb") as f:
     for line_no, raw in enumerate(f, 1):
       where = f"{path}:{line_no}"
       try:
-        prompt = _parse_line(raw, where)
+        prompt = _parse_line(raw, where, base_dir)
         if prompt is None:
           continue
         if prompt.id in first_line:
@@ -318,12 +375,20 @@ def read_jsonl(path: Union[str, os.PathLike], *, skip_invalid: bool = False) -> 
   return PromptSet(tuple(prompts), len(errors), tuple(errors))
 
 
+def _dirname(path: str) -> str:
+  if _is_remote(path):
+    return path.rsplit("/", 1)[0]
+  return os.path.dirname(os.path.abspath(path))
+
+
 def write_jsonl(prompts: Iterable[Prompt], path: Union[str, os.PathLike]) -> None:
   """Writes prompts as JSONL, atomically (a temporary file renamed into place).
+  Local image paths are written relative to the file's directory.
 
   Raises ValueError on a duplicate id (the file would not read back).
   """
   path = os.fspath(path)
+  out_dir = _dirname(path)
   seen = set()
   lines = []
   for p in prompts:
@@ -332,7 +397,11 @@ def write_jsonl(prompts: Iterable[Prompt], path: Union[str, os.PathLike]) -> Non
     if p.id in seen:
       raise ValueError(f"write_jsonl {path}: duplicate id {p.id!r}")
     seen.add(p.id)
-    lines.append(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+    obj = p.to_json()
+    if p.images:
+      from kimi_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+      obj["images"] = [images_lib.relative(ref, out_dir) for ref in p.images]
+    lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
   tmp = f"{path}.tmp-{os.getpid()}"
   with _open(tmp, "wb") as f:
     f.write("".join(lines).encode("utf-8"))
