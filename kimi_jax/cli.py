@@ -150,14 +150,6 @@ def setup_console() -> None:
   _silence_tensorflow_import()
 
 
-def progress(iterable=None, **kw):
-  """tqdm that draws only on a terminal (a log file gets no carriage returns)."""
-  kw.setdefault("dynamic_ncols", True)
-  if kw.get("disable") is not True and not sys.stderr.isatty():
-    kw["disable"] = True
-  return tqdm(iterable, **kw)
-
-
 class _QuietImport:
   """Meta-path hook: the first `import tensorflow` runs with fd 2 captured;
   the known start-up lines are dropped, anything else is written back."""

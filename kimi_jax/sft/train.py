@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
+from kimi_jax import progress as progress_lib
 from kimi_jax.models.transformer import ModelConfig, Transformer
 from kimi_jax.sft.config import SFTConfig
 from kimi_jax.sft.packing import Example, PackedBatch, batches, pack
@@ -139,7 +139,8 @@ def run_sft(cfg: ModelConfig, params, examples: Sequence[Example], sft_cfg: SFTC
   # batches an uninterrupted run would have seen.
   stream = itertools.islice(batches(examples, sft_cfg, eos_id, pad_id), start_step, None)
   history: list[dict] = []
-  bar = tqdm.tqdm(total=sft_cfg.steps, initial=start_step, desc="sft", disable=not progress)
+  bar = progress_lib.bar(total=sft_cfg.steps, initial=start_step, desc="sft",
+                         disable=not progress)
 
   def record(i, epoch, metrics):
     row = {"step": i + 1, "epoch": epoch, "learning_rate": float(lrs[i]),
