@@ -28,6 +28,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 import jax
 import orbax.checkpoint as ocp
 
+from kimi_jax.models.model_config import LONG_CONTEXT_FIELDS
 from kimi_jax.models.transformer import ModelConfig, RopeScaling, init_params
 
 CONFIG_NAME = "model_config.json"
@@ -36,7 +37,8 @@ CHECKPOINTS_NAME = "checkpoints"
 HF_CONFIG_NAME = "config.json"  # kimi_jax.models.hf.CONFIG_NAME (not imported: hf is heavy)
 # ModelConfig fields that are numerics or tokenizer ids rather than weights:
 # a config may set them differently from the checkpoint it starts from.
-NON_ARCHITECTURE_FIELDS = ("dtype", "param_dtype", "bos_id", "eos_id", "pad_id")
+NON_ARCHITECTURE_FIELDS = ("dtype", "param_dtype", "bos_id", "eos_id", "pad_id"
+                           ) + LONG_CONTEXT_FIELDS
 PathLike = Union[str, os.PathLike]
 
 

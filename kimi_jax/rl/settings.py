@@ -42,6 +42,7 @@ import ml_collections
 from kimi_jax import parallel
 from kimi_jax.data import synthetic
 from kimi_jax.models import hf, params_io
+from kimi_jax.models.model_config import LONG_CONTEXT_FIELDS
 from kimi_jax.models.transformer import ModelConfig, RopeScaling
 from kimi_jax.rl.losses import LossConfig
 from kimi_jax.rl.prompt_sampler import PromptSamplerConfig
@@ -325,10 +326,18 @@ def _model(model: dict) -> tuple[ModelConfig, Optional[str]]:
     raise ConfigError(f"config.model.hf_path: cannot read {config_file}: {e}") from None
   # RL updates want fp32 master weights, whatever dtype the checkpoint stores.
   numerics = {"param_dtype": model.pop("param_dtype", "float32"), "dtype": model.pop("dtype", None)}
+  # How to run it, not what it is: also the context limit, which a long-CoT
+  # run may set past the checkpoint's (RoPE extrapolates; no weight changes).
+  running = {k: model.pop(k) for k in LONG_CONTEXT_FIELDS + ("max_position_embeddings",)
+             if k in model}
   try:
     cfg = hf.config_from_hf(hf_config, source=config_file, **numerics)
   except ValueError as e:
     raise ConfigError(f"config.model.hf_path: {e}") from None
+  try:
+    cfg = cfg.replace(**running)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from None
   check_keys("model", model, {f.name for f in dataclasses.fields(ModelConfig)} | {"hf_path"})
   for key, value in sorted(model.items()):
     if value != getattr(cfg, key):
