@@ -130,9 +130,32 @@ def pin_cache(cache: KVCache, layout: Optional["Layout"]) -> KVCache:
 
 
 def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache):
-  """Encode left-padded prompts into `cache`; returns (last logits `[B, V]`, cache)."""
-  logits_B1V, cache = model.apply({"params": params}, tokens_BP, cache=cache, last_only=True)
-  return logits_B1V[:, 0, :], cache
+  """Encode left-padded prompts into `cache`; returns (last logits `[B, V]`, cache).
+
+  With `model.cfg.prefill_chunk = C` (0 < C < P) the P tokens go in as a
+  first call of the P mod C leading tokens (if any) and a `lax.scan` of
+  P // C calls of C tokens, each attending over the cache so far: the
+  attention scores are `[B, H, C, S]` instead of `[B, H, P, S]` and the
+  activations those of C tokens, so prefill memory grows linearly with P.
+  Same cache and logits as one call, up to float rounding.
+  """
+  C = model.cfg.prefill_chunk
+  P = tokens_BP.shape[1]
+  if C <= 0 or C >= P:
+    logits_B1V, cache = model.apply({"params": params}, tokens_BP, cache=cache, last_only=True)
+    return logits_B1V[:, 0, :], cache
+  head = P % C
+  if head:
+    _, cache = model.apply({"params": params}, tokens_BP[:, :head], cache=cache, last_only=True)
+  chunks_KBC = tokens_BP[:, head:].reshape(tokens_BP.shape[0], P // C, C).swapaxes(0, 1)
+
+  def one_chunk(cache, tokens_BC):
+    logits_B1V, cache = model.apply({"params": params}, tokens_BC, cache=cache, last_only=True)
+    return cache, logits_B1V[:, 0, :]
+
+  # The logits of every chunk are stacked ([K, B, V], small); the last is kept.
+  cache, logits_KBV = jax.lax.scan(one_chunk, cache, chunks_KBC)
+  return logits_KBV[-1], cache
 
 
 @decode_jit.decode_jit(static_argnames=("cfg", "sampling", "new_slots", "layout",

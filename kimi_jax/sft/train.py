@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from kimi_jax import progress as progress_lib
+from kimi_jax.models import logits
 from kimi_jax.models.transformer import ModelConfig, Transformer
 from kimi_jax.sft.config import SFTConfig
 from kimi_jax.sft.packing import Example, PackedBatch, batches, pack
@@ -37,19 +38,19 @@ def sft_loss(params, cfg: ModelConfig, batch: PackedBatch):
   on the masked targets), tokens (number of masked targets), fill (fraction
   of non-padding positions).
   """
-  logits_NTV = Transformer(cfg).apply(
+  hidden_NTD = Transformer(cfg).apply(
       {"params": params}, batch.tokens_NT, positions_BT=batch.positions_NT,
-      segment_ids_BT=batch.segment_ids_NT)
-  logp_NTV = jax.nn.log_softmax(logits_NTV.astype(jnp.float32), axis=-1)
+      segment_ids_BT=batch.segment_ids_NT, return_hidden=True)
   # Target of t is token t+1; the last column's target is a dummy 0 that the
   # mask always excludes (see kimi_jax/sft/packing.py).
   targets_NT = jnp.pad(batch.tokens_NT[:, 1:], ((0, 0), (0, 1)))
-  logp_NT = jnp.take_along_axis(logp_NTV, targets_NT[..., None], axis=-1)[..., 0]
+  logp_NT, hit_NT = logits.next_token_logprobs(cfg, params, hidden_NTD, targets_NT,
+                                               with_argmax=True)
   mask_NT = batch.loss_mask_NT.astype(jnp.float32)
   tokens = jnp.sum(mask_NT)
   denom = jnp.maximum(tokens, 1.0)
   loss = -jnp.sum(logp_NT * mask_NT) / denom
-  correct_NT = (jnp.argmax(logp_NTV, axis=-1) == targets_NT).astype(jnp.float32)
+  correct_NT = hit_NT.astype(jnp.float32)
   metrics = {"loss": loss, "accuracy": jnp.sum(correct_NT * mask_NT) / denom,
              "tokens": tokens,
              "fill": jnp.mean((batch.segment_ids_NT > 0).astype(jnp.float32))}
