@@ -16,7 +16,11 @@ Local directories (on every host; nothing is downloaded by the run):
       --config.data.heldout_file=$HOME/data/k15/heldout.jsonl
 
 The tokenizer follows --config.model.hf_path. Variants: `:smoke` is the same
-recipe at toy sizes (tests/test_recipes.py runs it on a tiny random checkpoint).
+recipe at toy sizes (tests/test_recipes.py runs it on a tiny random
+checkpoint); `:32k` trains 32,768-token rows (1024 prompt + 31,744 response,
+4096 new tokens per iteration, carried up to 8 iterations), one row per
+FSDP group and microbatch, `max_position_embeddings` raised to 32,768 (Llama
+3 8B was trained at 8192: use a long-context warmed-up checkpoint).
 The sizes below are for a pod (v5p-64 class, 8 hosts): start the same
 command on every host (README "Multi-host"); config.mesh lays the weights
 out over the 32 chips (data x fsdp=8 x tensor=4; data=-1 grows with more
@@ -28,6 +32,16 @@ per iteration with partial rollouts), 4 optimizer steps of 256 samples per
 iteration (microbatches of 8 per step and replica). Llama 3 8B: 32 layers,
 width 4096, 32 heads / 8 kv heads, untied embeddings, vocab 128256; prompts
 start with BOS "<|begin_of_text|>" as in pretraining.
+
+Memory per chip (v5p: 95 GiB HBM): the train state, 16 bytes a parameter
+over the 32 chips (8.03B x 16 / 32 = 3.7 GiB), plus the activations of the
+one row a chip group holds at a time: with the long-context settings
+(`configs/prompt_rl.py`: full remat, chunked logits; scanned layers, see
+there)
+the kept block inputs are 32 layers x T x 4096 x 2 bytes = 8 GiB at 32k
+before the tensor=4 split, plus one recomputed block and one 1024-token
+logit chunk; without them the 32k row's float32 logits alone are 15.7 GiB
+and the attention scores quadratic.
 """
 import ml_collections
 
@@ -54,6 +68,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.verifier_workers = 32  # pod hosts have many cores for the sandbox
   if arg == "smoke":
     c = prompt_rl.smoke(c)
+  elif arg == "32k":
+    c.rollout.update(max_length=32768, max_prompt_length=1024, segment_budget=4096, max_age=8)
+    c.model.max_position_embeddings = 32768
+    c.eval.max_new_tokens = 32768 - 1024
   elif arg:
-    raise ValueError(f"configs/llama3_8b_pod.py: unknown variant {arg!r} (known: smoke)")
+    raise ValueError(f"configs/llama3_8b_pod.py: unknown variant {arg!r} (known: smoke, 32k)")
   return c

@@ -19,7 +19,7 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
                 total_iterations: int, prompts_per_iteration: int, max_length: int,
                 max_prompt_length: int, segment_budget: int, minibatch_size: int,
                 microbatch_size: int, learning_rate: float,
-                mesh: dict) -> ml_collections.ConfigDict:
+                mesh: dict, long_context: dict | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_iterations = total_iterations  # the report's scaling study: ~150 iterations
@@ -32,7 +32,18 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
   c.model = ml_collections.ConfigDict(dict(
       hf_path=hf_path,
       param_dtype="float32",  # fp32 master weights for AdamW
-      dtype="bfloat16"))  # compute dtype; norms, softmax and logits stay fp32
+      dtype="bfloat16",  # compute dtype; norms, softmax and logits stay fp32
+      # README "Long context": kernels per backend, each block recomputed in
+      # the backward pass, the LM head over 1024-token chunks, prefill in
+      # 2048-token chunks; memory then grows linearly with the sequence.
+      attention="auto", remat="full", scan_layers=False, logits_chunk=1024,
+      # scan_layers=True is what makes XLA keep remat's order (a scan's
+      # backward loop; unrolled, the CPU compiler's schedule kept every block's
+      # activations): set it for training-only jobs. The trainer does not yet
+      # switch the sampling copy of the weights to the unrolled form.
+      prefill_chunk=2048))
+  if long_context:
+    c.model.update(long_context)
 
   c.data = ml_collections.ConfigDict(dict(
       train_file=train_file,  # data/prompts.py JSONL; launch/curate.py writes difficulty
@@ -109,4 +120,6 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.verifier_workers = 2
   c.eval.update(samples=1, max_new_tokens=16)
   c.mesh.update(data=1, fsdp=1, tensor=1)  # one CPU device
+  # The chunked paths, at toy sizes (more than one chunk per row).
+  c.model.update(logits_chunk=16, prefill_chunk=16)
   return c

@@ -18,16 +18,34 @@ The tokenizer follows --config.model.hf_path (override config.data.tokenizer
 to use another tokenizer.json). Variants: `:smoke` is the same recipe at toy
 sizes (tests/test_recipes.py runs it on a tiny random checkpoint).
 
-Sizes: 64 prompts x 8 samples = 512 rollout rows per iteration, 4096 tokens
-(the model's context: 512 prompt + 3584 response, 1024 new tokens per
-iteration with partial rollouts), 4 optimizer steps of 128 samples per
-iteration (microbatches of 16), on a data x 4-way FSDP mesh (one TPU host
-and up). Qwen2.5-Math-1.5B: 28 layers, width 1536,
-12 heads / 2 kv heads, tied embeddings, vocab 151936, no BOS token.
+Sizes: 64 prompts x 8 samples = 512 rollout rows per iteration, 16,896
+tokens (512 prompt + 16,384 response: the long chains of thought the report
+trains on; 2048 new tokens per iteration with partial rollouts, so a
+response spans up to 8 iterations, `max_age`), 4 optimizer steps of 128
+samples per iteration, finished samples packed up to 8 a row, microbatches
+of 4 rows: one 16.9k-token row per chip at a time on a data x 4-way FSDP
+mesh (one TPU host and up). Qwen2.5-Math-1.5B: 28 layers, width 1536,
+12 heads / 2 kv heads, tied embeddings, vocab 151936, no BOS token, trained
+at 4096 positions: `max_position_embeddings` is raised to the run's length
+(RoPE extrapolates; warm up on long chains of thought first, as the report
+does, and point hf_path at that checkpoint).
+
+Memory per chip (v5p: 95 GiB HBM): the train state, 16 bytes a parameter
+(fp32 weights, gradients, AdamW moments), 1.54B x 16 / 4 FSDP chips = 5.7
+GiB, plus the activations of one 16.9k-token row under the long-context
+settings (blockwise / splash attention, full remat, 1024-token logit
+chunks; with `--config.model.scan_layers=True`, see configs/prompt_rl.py):
+compiled on CPU with abstract shapes (`kimi_jax.compile_memory`), 2.8-4.6
+GiB of train-step temp growth over a 1k-token row (XLA reports a peak, so
+the split is approximate). Without
+those settings the row's float32 logits alone are 9.6 GiB.
 """
 import ml_collections
 
 from configs import prompt_rl
+
+MAX_LENGTH = 512 + 16384
+
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -38,14 +56,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       add_bos=False,  # Qwen2 tokenizers have no BOS
       total_iterations=150,
       prompts_per_iteration=64,
-      max_length=4096, max_prompt_length=512, segment_budget=1024,
-      minibatch_size=128, microbatch_size=16,
+      max_length=MAX_LENGTH, max_prompt_length=512, segment_budget=2048,
+      minibatch_size=128, microbatch_size=4,
       learning_rate=1e-6,  # spec: AdamW 1e-6..1e-5; the low end for a pretrained model
       # FSDP over the 4 chips of one TPU host (v4-8 / v5p-8): fp32 weights +
       # AdamW moments, ~18 GB, become ~4.5 GB per chip; sampling holds the
       # whole fp32 weights (6 GB) per chip. More hosts add data parallelism
-      # (data=-1), up to 16 chips (data x fsdp must divide the microbatch of 16).
+      # (data=-1; data x fsdp must divide the microbatch, so raise it with them).
       mesh=dict(data=-1, fsdp=4, tensor=1))
+  c.model.max_position_embeddings = MAX_LENGTH
+  c.rollout.max_age = 8
   if arg == "smoke":
     c = prompt_rl.smoke(c)
   elif arg:

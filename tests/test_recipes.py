@@ -117,6 +117,15 @@ def _smoke_config(tmp_path, family, *, broken_at=None, skip_invalid=True):
   return c
 
 
+def test_llama_32k_variant_trains_32k_rows(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIGS["llama"]))
+  c = llama3_8b_pod.get_config("32k")
+  c.model.hf_path = str(tmp_path)
+  s = settings.from_config(c)
+  assert s.scheduler.max_length == s.model.max_position_embeddings == 32768
+  assert s.model.remat == "full" and s.model.logits_chunk > 0
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_full_recipe_validates_against_the_real_config_json(tmp_path, family):
   (tmp_path / "config.json").write_text(json.dumps(REAL_CONFIGS[family]))
@@ -129,7 +138,11 @@ def test_full_recipe_validates_against_the_real_config_json(tmp_path, family):
   assert (s.model.param_dtype, s.model.dtype) == ("float32", "bfloat16")
   assert s.hf_path == str(tmp_path) and s.data.tokenizer == str(tmp_path)
   assert s.data.train_file.startswith(os.path.expanduser("~/data/k15/"))
-  assert s.scheduler.max_length == real["max_position_embeddings"]
+  # The model's context, raised past the checkpoint's for the 16k-response recipe.
+  assert s.scheduler.max_length == s.model.max_position_embeddings >= real[
+      "max_position_embeddings"]
+  assert (s.model.attention, s.model.remat) == ("auto", "full")
+  assert s.model.logits_chunk > 0 and s.model.prefill_chunk > 0
   assert s.scheduler.num_slots == 8 * s.scheduler.samples_per_prompt * (8 if family == "qwen2" else 16)
   # 1-4 optimizer steps per iteration (method spec, impl. note 5).
   assert 1 <= s.scheduler.num_slots // s.rl.minibatch_size <= 4

@@ -260,7 +260,8 @@ def load_params(src: Union[Source, PathLike], cfg: Optional[ModelConfig] = None,
     if diff:
       raise ValueError(f"checkpoint {src.path}: {HF_CONFIG_NAME} does not match the model "
                        f"config ({'; '.join(diff)})")
-    return cfg, params
+    from kimi_jax.models import layer_stack  # pylint: disable=g-import-not-at-top
+    return cfg, layer_stack.to_layer_form(cfg.scan_layers, cfg.num_layers, params)
   if params_like is None:
     params_like = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
   # Orbax will not guess a layout for a checkpoint written on another topology.

@@ -47,7 +47,7 @@ from kimi_jax.checkpointing import Checkpointer
 from kimi_jax.compile_count import total_compiles
 from kimi_jax.data import prompts as prompts_lib
 from kimi_jax.metrics import MetricsWriter, read_metrics
-from kimi_jax.models import hf, params_io
+from kimi_jax.models import hf, layer_stack, params_io
 from kimi_jax.models.transformer import init_params
 from kimi_jax.plots import write_plots
 from kimi_jax.rl import batch as batch_lib
@@ -109,10 +109,13 @@ def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key,
     t = time.perf_counter()
     cfg, params = hf.load_pretrained(s.hf_path, dtype=s.model.dtype,
                                      param_dtype=s.model.param_dtype)
-    if cfg != s.model:  # settings read the same config.json: a change under our feet
+    # Settings read the same config.json (the context limit may be raised).
+    if params_io.same_architecture(
+        cfg.replace(max_position_embeddings=s.model.max_position_embeddings), s.model):
       raise settings_lib.ConfigError(f"config.model.hf_path {s.hf_path}: config.json "
                                      f"changed since the run was configured")
     logging.info("Loaded %s in %.0f s", s.hf_path, time.perf_counter() - t)
+    params = layer_stack.to_layer_form(s.model.scan_layers, s.model.num_layers, params)
     return distributed.place(params, layout.params())
   if not s.sft_steps:
     return parallel.init_params(s.model, key, layout)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax import decode_jit, distributed
-from kimi_jax.models import attention, feature_major
+from kimi_jax.models import attention, feature_major, layer_stack
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import phases
@@ -298,6 +298,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if not prompts:
     raise ValueError("generate() needs at least one prompt")
+  if cfg.scan_layers and layout is None:
+    # Decode runs unrolled: a scan over stacked weights slices every weight
+    # and restacks the cache every step (the training form, not a decode one).
+    params = layer_stack.unstack_layers(params)
+    cfg = cfg.replace(scan_layers=False)
   limit = cfg.max_position_embeddings if max_length is None else max_length
   for i, p in enumerate(prompts):
     if len(p) == 0:
