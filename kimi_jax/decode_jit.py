@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 import jax
 
+from kimi_jax import backend as backend_lib
 from kimi_jax.models import attention
 
 # An empty fusion-type list keeps every op out of YNNPACK; dots go to Eigen.
@@ -32,7 +33,7 @@ CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 def compiler_options(backend: Optional[str] = None) -> Optional[dict]:
   """XLA options for a decode program on `backend` (default: jax's default backend)."""
-  backend = backend or jax.default_backend()
+  backend = backend or backend_lib.platform()
   return dict(CPU_DECODE_OPTIONS) if backend == "cpu" else None
 
 

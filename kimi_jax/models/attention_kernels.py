@@ -31,6 +31,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from kimi_jax import backend as backend_lib
 from kimi_jax.models import attention
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
@@ -52,7 +53,7 @@ def resolve(implementation: str, T: int, *, segmented: bool = False,
   """The concrete implementation `sequence_attention` runs for `implementation`.
 
   The single backend-dispatch point of the module: only here does
-  `jax.default_backend()` choose an implementation ("splash" and "cudnn"
+  `backend.platform()` choose an implementation ("splash" and "cudnn"
   themselves look at the backend only to run in interpret mode or to raise).
   "auto" is "splash" on TPU; on GPU "cudnn" where it applies (no segment
   ids, fp16/bf16; else the CPU rule); on CPU "blockwise" when
@@ -71,7 +72,7 @@ def resolve(implementation: str, T: int, *, segmented: bool = False,
                      f"allowed: {', '.join(map(repr, IMPLEMENTATIONS))}")
   if implementation != "auto":
     return implementation
-  backend = jax.default_backend()
+  backend = backend_lib.platform()
   if backend == "tpu":
     return "splash"
   half = dtype is None or jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -303,7 +304,7 @@ def _splash(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT, block_size):
                             block_kv_dq=b)
   mask = splash.MultiHeadMask([splash.CausalMask((Tp, Tp))] * G)
   kernel = splash.make_splash_mqa_single_device(
-      mask, block_sizes=sizes, interpret=jax.default_backend() != "tpu")
+      mask, block_sizes=sizes, interpret=backend_lib.platform() != "tpu")
   # Splash takes queries unscaled: scale them here.
   q_BKGTE = (q_BTHE * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype)).reshape(
       B, T, K, G, E).transpose(0, 2, 3, 1, 4)
@@ -332,7 +333,7 @@ def _cudnn(q_BTHE, k_BSKE, v_BSKE, segment_ids_BT):
   so segment ids are refused rather than approximated ("auto" then picks
   blockwise or xla). cuDNN takes fp16/bf16 only; jax raises for others.
   """
-  backend = jax.default_backend()
+  backend = backend_lib.platform()
   if backend != "gpu":
     raise RuntimeError(f"implementation='cudnn' needs a GPU (cuDNN); jax.default_backend() "
                        f"is {backend!r}; use 'blockwise' or 'auto'")

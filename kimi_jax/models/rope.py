@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kimi_jax import backend
 from kimi_jax.models.model_config import ModelConfig
 
 
@@ -35,7 +36,7 @@ def rope_tables(positions_BT: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array
   per forward and shared by every layer's q and k."""
   angles_BTf = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   cos, sin = jnp.cos(angles_BTf), jnp.sin(angles_BTf)
-  if angles_BTf.shape[1] == 1 or jax.default_backend() != "cpu":
+  if angles_BTf.shape[1] == 1 or not backend.is_cpu():
     return cos, sin
   # XLA CPU counts cos/sin as cheap and fuses them into every consumer, so
   # they were re-evaluated per head and element of each layer's q and k

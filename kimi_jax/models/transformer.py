@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kimi_jax import backend
 from kimi_jax.models import attention, attention_kernels
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.model_config import (  # noqa: F401  (re-exported)
@@ -130,7 +131,7 @@ class Attention(nn.Module):
           cv, v_BTKE.transpose(0, 2, 1, 3).astype(cv.dtype), (0, 0, cache_index, 0))
       kv = (k_BKES, v_BKSE)
       q_BKGTE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4)
-      if T == 1 and jax.default_backend() == "cpu":
+      if T == 1 and backend.is_cpu():
         out_BKGTE = attention.decode_step_cpu(q_BKGTE[:, :, :, 0, :], k_BKES, v_BKSE,
                                               mask[:, 0, :])[:, :, :, None, :]
       else:
