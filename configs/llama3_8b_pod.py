@@ -36,8 +36,7 @@ start with BOS "<|begin_of_text|>" as in pretraining.
 Memory per chip (v5p: 95 GiB HBM): the train state, 16 bytes a parameter
 over the 32 chips (8.03B x 16 / 32 = 3.7 GiB), plus the activations of the
 one row a chip group holds at a time: with the long-context settings
-(`configs/prompt_rl.py`: full remat, chunked logits; scanned layers, see
-there)
+(`configs/prompt_rl.py`: scanned layers with full remat, chunked logits)
 the kept block inputs are 32 layers x T x 4096 x 2 bytes = 8 GiB at 32k
 before the tensor=4 split, plus one recomputed block and one 1024-token
 logit chunk; without them the 32k row's float32 logits alone are 15.7 GiB

@@ -36,11 +36,10 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
       # README "Long context": kernels per backend, each block recomputed in
       # the backward pass, the LM head over 1024-token chunks, prefill in
       # 2048-token chunks; memory then grows linearly with the sequence.
-      attention="auto", remat="full", scan_layers=False, logits_chunk=1024,
-      # scan_layers=True is what makes XLA keep remat's order (a scan's
-      # backward loop; unrolled, the CPU compiler's schedule kept every block's
-      # activations): set it for training-only jobs. The trainer does not yet
-      # switch the sampling copy of the weights to the unrolled form.
+      attention="auto", remat="full", scan_layers=True, logits_chunk=1024,
+      # Scanned layers: XLA keeps remat's order in a scan's backward loop
+      # (unrolled, the CPU compiler's schedule kept every block's activations);
+      # rollouts run unrolled (the sampling layout's form, parallel.Layout).
       prefill_chunk=2048))
   if long_context:
     c.model.update(long_context)

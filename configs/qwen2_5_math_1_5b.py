@@ -33,8 +33,8 @@ does, and point hf_path at that checkpoint).
 Memory per chip (v5p: 95 GiB HBM): the train state, 16 bytes a parameter
 (fp32 weights, gradients, AdamW moments), 1.54B x 16 / 4 FSDP chips = 5.7
 GiB, plus the activations of one 16.9k-token row under the long-context
-settings (blockwise / splash attention, full remat, 1024-token logit
-chunks; with `--config.model.scan_layers=True`, see configs/prompt_rl.py):
+settings (blockwise / splash attention, scanned layers with full remat,
+1024-token logit chunks):
 compiled on CPU with abstract shapes (`kimi_jax.compile_memory`), 2.8-4.6
 GiB of train-step temp growth over a 1k-token row (XLA reports a peak, so
 the split is approximate). Without

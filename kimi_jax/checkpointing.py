@@ -45,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kimi_jax import distributed, faults
+from kimi_jax.models import layer_stack
 
 PyTree = Any
 _MAX_ERR_CHARS = 400  # tensorstore errors embed whole JSON specs
@@ -218,11 +219,24 @@ class Checkpointer:
 
   def _restore_step(self, step: int, params_abs: PyTree,
                     opt_abs: PyTree) -> Restored:
-    try:
+    host = []
+
+    def read(targets):
       out = self._manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(params_abs),
-          opt_state=ocp.args.StandardRestore(opt_abs),
+          params=ocp.args.StandardRestore(targets[0]),
+          opt_state=ocp.args.StandardRestore(targets[1]),
           host=ocp.args.JsonRestore()))
+      host.append(out["host"])
+      return out["params"], out["opt_state"]
+
+    try:  # unreadable metadata: the restore itself reports the problem
+      disk = layer_stack.scanned_or_none(self._manager.item_metadata(step)["params"].tree)
+    except Exception:  # pylint: disable=broad-except
+      disk = None
+    try:
+      # `scan_layers` may differ from the writer's (a run-time setting): the
+      # step is read in its own layer form and converted (params and moments).
+      params, opt_state = layer_stack.restore_in_form(read, (params_abs, opt_abs), disk)
     except Exception as e:
       mismatch = self._mismatch(step, params_abs, opt_abs)
       if mismatch:
@@ -230,7 +244,7 @@ class Checkpointer:
             f"checkpoint step {step} in {self.directory} does not fit the "
             f"current model / optimizer: {mismatch}") from e
       raise
-    return Restored(step, out["params"], out["opt_state"], out["host"])
+    return Restored(step, params, opt_state, host[0])
 
   def _restore_newest(self, params_abs: PyTree,
                       opt_abs: PyTree) -> Optional[Restored]:

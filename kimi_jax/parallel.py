@@ -46,7 +46,7 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from kimi_jax.models import transformer
+from kimi_jax.models import layer_stack, transformer
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig
 from kimi_jax.sampling.state import RolloutState
@@ -126,6 +126,9 @@ _RULES = (
     ("head_dim",            None,               None),
     ("mlp",                 "tensor",           "tensor"),
     ("norm",                None,               None),
+    # the [L, ...] dim of `scan_layers` params: every device holds all layers
+    # of its shard (a scan step reads one layer; splitting L would gather it)
+    ("layers",              None,               None),
     # activations, batches, KV cache
     ("activation_batch",    BATCH_AXES,         BATCH_AXES),
     ("activation_length",   None,               None),
@@ -160,6 +163,10 @@ class Layout:
   """One rule table on one mesh for one model. Hashable: usable as a jit static.
 
   kind: "train" or "sample" (picks the rule table).
+  cfg: the model; a sample layout holds it unrolled (`scan_layers=False`,
+    whatever it is given): a scanned decode step slices every weight and
+    restacks the KV cache each token, so `reshard` into a sample layout
+    unstacks the blocks, and back into a scanned train layout restacks them.
   """
   kind: str
   mesh: Mesh
@@ -170,6 +177,8 @@ class Layout:
       raise ValueError(f"Layout.kind must be one of {sorted(RULES)}, got {self.kind!r}")
     if tuple(self.mesh.axis_names) != AXES:
       raise ValueError(f"Layout needs a mesh with axes {AXES}, got {self.mesh.axis_names}")
+    if self.kind == "sample" and self.cfg.scan_layers:
+      object.__setattr__(self, "cfg", self.cfg.replace(scan_layers=False))
 
   @classmethod
   def train(cls, mesh: Mesh, cfg: ModelConfig) -> "Layout":
@@ -269,13 +278,15 @@ def init_opt_state(optimizer: optax.GradientTransformation, params, layout: Layo
 
 @functools.lru_cache(maxsize=32)
 def _identity(layout: Layout, donate: bool):
-  return jax.jit(lambda p: p, out_shardings=layout.params(),
-                 donate_argnums=(0,) if donate else ())
+  cfg = layout.cfg
+  return jax.jit(lambda p: layer_stack.to_layer_form(cfg.scan_layers, cfg.num_layers, p),
+                 out_shardings=layout.params(), donate_argnums=(0,) if donate else ())
 
 
 def reshard(params, to_layout: Layout, *, donate: bool = False):
   """Params moved on device into `to_layout` (one jitted identity with
-  out_shardings: XLA emits only the collectives the change needs).
+  out_shardings: XLA emits only the collectives the change needs), in its
+  layer form (stacked or unrolled, `Layout.cfg.scan_layers`).
 
   donate: free the input buffers (the caller must not use `params` after).
   """

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from kimi_jax.models import hf, params_io
+from kimi_jax.models import hf, layer_stack, params_io
 from kimi_jax.models.transformer import ModelConfig, RopeScaling, Transformer
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -23,12 +23,25 @@ REF = dict(np.load(DATA / "hf_reference.npz"))
 LLAMA, QWEN2 = "hf_tiny_llama", "hf_tiny_qwen2"
 MODELS = (LLAMA, QWEN2)
 ATOL = 1e-4
+# ModelConfig.scan_layers off / on: the same checkpoints in both param forms.
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 
 
 @pytest.fixture(scope="module")
 def loaded():
   """name -> (cfg, params) of the reference models, params in fp32."""
   return {name: hf.load_pretrained(DATA / name, param_dtype="float32") for name in MODELS}
+
+
+@pytest.fixture(scope="module")
+def loaded_scan():
+  """As `loaded`, imported with `scan_layers=True`."""
+  return {name: hf.load_pretrained(DATA / name, param_dtype="float32", scan_layers=True)
+          for name in MODELS}
+
+
+def _loaded(loaded, loaded_scan, scan):
+  return loaded_scan if scan else loaded
 
 
 def _logits(cfg, params, tokens):
@@ -70,17 +83,29 @@ def test_default_param_dtype_is_the_stored_one():
   assert (cfg.param_dtype, cfg.dtype) == ("bfloat16", "float32")
 
 
+def test_scan_import_is_the_stacked_unrolled_import(loaded, loaded_scan):
+  for name in MODELS:
+    (cfg, params), (cfg_s, params_s) = loaded[name], loaded_scan[name]
+    assert cfg_s == cfg.replace(scan_layers=True) and not cfg.scan_layers
+    q = params["layers_0"]["attn"]["q"]
+    assert params_s["layers"]["attn"]["q"].shape == (cfg.num_layers,) + q.shape
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params_s))
+    _assert_trees_equal(params_s, layer_stack.stack_layers(params, cfg.num_layers))
+
+
+@SCAN
 @pytest.mark.parametrize("name", MODELS)
-def test_logits_match_reference(loaded, name):
-  cfg, params = loaded[name]
+def test_logits_match_reference(loaded, loaded_scan, name, scan):
+  cfg, params = _loaded(loaded, loaded_scan, scan)[name]
   diff = np.abs(_logits(cfg, params, REF[f"{name}_tokens"]) - REF[f"{name}_logits"]).max()
   assert diff <= ATOL, f"{name}: max abs logit diff {diff}"
 
 
+@SCAN
 @pytest.mark.parametrize("name", MODELS)
-def test_greedy_generation_matches_reference(loaded, name):
+def test_greedy_generation_matches_reference(loaded, loaded_scan, name, scan):
   from kimi_jax.sampling import generate  # the sampler's public entry point
-  cfg, params = loaded[name]
+  cfg, params = _loaded(loaded, loaded_scan, scan)[name]
   prompts = [REF[f"{name}_prompts"][i, :n].tolist()
              for i, n in enumerate(REF[f"{name}_prompt_lens"])]
   assert len({len(p) for p in prompts}) == len(prompts)  # different lengths
@@ -91,11 +116,12 @@ def test_greedy_generation_matches_reference(loaded, name):
 # -------------------------------------------------------------- round trips
 
 
+@SCAN
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 @pytest.mark.parametrize("name,param_dtype", [(LLAMA, None), (QWEN2, None), (QWEN2, "bfloat16")],
                          ids=["llama_untied_bf16", "qwen2_tied_fp32", "qwen2_tied_bf16"])
-def test_save_load_round_trip_is_bit_exact(tmp_path, name, param_dtype, sharded):
-  cfg, params = hf.load_pretrained(DATA / name, param_dtype=param_dtype)
+def test_save_load_round_trip_is_bit_exact(tmp_path, name, param_dtype, sharded, scan):
+  cfg, params = hf.load_pretrained(DATA / name, param_dtype=param_dtype, scan_layers=scan)
   out = tmp_path / "out"
   hf.save_pretrained(cfg, params, out, max_shard_size=20_000 if sharded else "1GB")
   files = sorted(os.listdir(out))
@@ -103,10 +129,17 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, name, param_dtype, sharded)
     assert hf.INDEX_NAME in files and len([f for f in files if f.endswith(".safetensors")]) > 1
   else:
     assert files == ["config.json", "model.safetensors"]
-  cfg2, params2 = hf.load_pretrained(out)
+  cfg2, params2 = hf.load_pretrained(out, scan_layers=scan)
   assert cfg2 == cfg
   _assert_trees_equal(params2, params)
   assert os.listdir(tmp_path) == ["out"]  # no temporary directories left behind
+  # The export is the same tensors whichever form it is written from.
+  exported = hf.params_to_hf(cfg, params)
+  other = layer_stack.to_layer_form(not scan, cfg.num_layers, params)
+  from_other = hf.params_to_hf(cfg.replace(scan_layers=not scan), other)
+  assert from_other.keys() == exported.keys()
+  for key, x in from_other.items():
+    np.testing.assert_array_equal(x, exported[key])
 
 
 def test_save_never_silently_overwrites(tmp_path, loaded):
@@ -122,12 +155,17 @@ def test_save_never_silently_overwrites(tmp_path, loaded):
   assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
-def test_save_rejects_params_that_do_not_fit_the_config(tmp_path, loaded):
+def test_save_rejects_params_that_do_not_fit_the_config(tmp_path, loaded, loaded_scan):
   cfg, params = loaded[QWEN2]
   bad = jax.tree.map(lambda x: x, params)
   bad["layers_1"]["mlp"]["up"] = np.zeros((32, 65), np.float32)
   with pytest.raises(ValueError, match=r"\['layers_1'\]\['mlp'\]\['up'\].*\(32, 64\).*\(32, 65\)"):
     hf.save_pretrained(cfg, bad, tmp_path / "x")
+  cfg_s, bad_s = loaded_scan[QWEN2]
+  bad_s = jax.tree.map(lambda x: x, bad_s)
+  bad_s["layers"]["mlp"]["up"] = np.zeros((cfg.num_layers, 32, 65), np.float32)
+  with pytest.raises(ValueError, match=r"\['layers_0'\]\['mlp'\]\['up'\].*\(32, 65\)"):
+    hf.save_pretrained(cfg_s, bad_s, tmp_path / "x")
   del bad["layers_1"]["mlp"]["up"]
   with pytest.raises(ValueError, match=r"missing .*'up'"):
     hf.save_pretrained(cfg, bad, tmp_path / "x")
@@ -298,12 +336,13 @@ def _hf_logits(model, tokens):
     return model(torch.from_numpy(np.asarray(tokens)).long()).logits.float().numpy()
 
 
+@SCAN
 @pytest.mark.parametrize("name", MODELS)
-def test_live_fresh_hf_model_parity(tmp_path, name):
+def test_live_fresh_hf_model_parity(tmp_path, name, scan):
   pytest.importorskip("transformers")
   model = _reference_script().build(name, seed=1234)
   model.save_pretrained(tmp_path / name)
-  cfg, params = hf.load_pretrained(tmp_path / name)
+  cfg, params = hf.load_pretrained(tmp_path / name, scan_layers=scan)
   assert cfg.param_dtype == "float32"
   tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 16))
   expected = _hf_logits(model, tokens)
@@ -311,11 +350,13 @@ def test_live_fresh_hf_model_parity(tmp_path, name):
   assert diff <= ATOL, f"{name}: max abs logit diff {diff}"
 
 
+@SCAN
 @pytest.mark.parametrize("name,shard_size", [(LLAMA, 50_000), (QWEN2, "5GB")],
                          ids=["llama_sharded", "qwen2_single"])
-def test_live_saved_model_loads_in_transformers(tmp_path, loaded, name, shard_size):
+def test_live_saved_model_loads_in_transformers(tmp_path, loaded, loaded_scan, name, shard_size,
+                                               scan):
   transformers = pytest.importorskip("transformers")
-  cfg, params = loaded[name]
+  cfg, params = _loaded(loaded, loaded_scan, scan)[name]
   hf.save_pretrained(cfg, params, tmp_path / name, max_shard_size=shard_size)
   assert (tmp_path / name / hf.INDEX_NAME).exists() == (shard_size == 50_000)
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()

@@ -175,15 +175,18 @@ def _tensors(path):
   return out
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 @pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
 @pytest.mark.parametrize("name", MODELS)
-def test_save_load_round_trip_is_bit_exact(tmp_path, name, sharded):
-  cfg, params = hf_llava.load_pretrained(DATA / name)
+def test_save_load_round_trip_is_bit_exact(tmp_path, name, sharded, scan):
+  cfg, params = hf_llava.load_pretrained(DATA / name, scan_layers=scan)
+  assert cfg.text.scan_layers == scan and ("layers" in params) == scan  # the LM's blocks
+  assert "layers_0" in params["vision"]["tower"]  # the tower stays unrolled
   proc = images.load_processor(DATA / name)
   hf_llava.save_pretrained(cfg, params, tmp_path / "out", processor=proc,
                            max_shard_size=40_000 if sharded else "5GB")
   assert (tmp_path / "out" / hf.INDEX_NAME).exists() == sharded
-  cfg2, params2 = hf_llava.load_pretrained(tmp_path / "out")
+  cfg2, params2 = hf_llava.load_pretrained(tmp_path / "out", scan_layers=scan)
   assert cfg2 == cfg and images.load_processor(tmp_path / "out") == proc
   _assert_trees_equal(params, params2)
   # HF -> ours -> HF: the same tensors; the reference (written by

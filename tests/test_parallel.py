@@ -237,3 +237,78 @@ def test_without_a_layout_nothing_is_constrained(params):
 def _forward_under(layout, params, tokens):
   with layout.activate():
     return Transformer(CFG).apply({"params": params}, tokens)
+
+
+# ------------------------------------------------ scan_layers: params stacked [L, ...]
+
+SCAN_CFG = CFG.replace(scan_layers=True)
+
+
+def test_a_sample_layout_holds_the_model_unrolled():
+  from kimi_jax.models import layer_stack  # pylint: disable=import-outside-toplevel
+  mesh = mesh_of((1, 4, 2))
+  cfg = CFG.replace(num_layers=2, scan_layers=True)
+  sample = parallel.Layout.sample(mesh, cfg)
+  assert sample.cfg == cfg.replace(scan_layers=False)
+  assert parallel.Layout("sample", mesh, cfg) == sample
+  train = parallel.Layout.train(mesh, cfg)
+  params = parallel.init_params(cfg, jax.random.PRNGKey(0), train)
+  there = parallel.reshard(params, sample)
+  assert "layers_1" in there and "layers" not in there
+  back = parallel.reshard(there, train, donate=True)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert layer_stack.is_scanned(back)
+
+
+def test_scanned_params_shard_like_unrolled_ones_with_layers_replicated():
+  from kimi_jax.models import layer_stack  # pylint: disable=import-outside-toplevel
+  mesh = mesh_of((1, 4, 2))
+  cfg = CFG.replace(num_layers=2)
+  unrolled = parallel.Layout.train(mesh, cfg).params()
+  scanned = parallel.Layout.train(mesh, cfg.replace(scan_layers=True)).params()
+  assert jax.tree.structure(scanned) == jax.tree.structure(
+      layer_stack.stack_layers(parallel.param_shapes(cfg), 2))
+  for name in ("embed", "lm_head"):
+    assert scanned[name] == unrolled[name]
+  for path, s in jax.tree_util.tree_leaves_with_path(scanned["layers"]):
+    one = unrolled["layers_1"]
+    for key in path:
+      one = one[key.key]
+    assert s.spec == P(None, *one.spec), path
+
+
+def test_scanned_sharded_init_and_train_step_match_one_device(params, single_device_step):
+  from kimi_jax.models import layer_stack  # pylint: disable=import-outside-toplevel
+  layout = parallel.Layout.train(mesh_of((2, 2, 2)), SCAN_CFG)
+  sharded = parallel.init_params(SCAN_CFG, jax.random.PRNGKey(0), layout)
+  for a, b, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(init_params(
+      SCAN_CFG, jax.random.PRNGKey(0))), jax.tree.leaves(layout.params())):
+    assert a.sharding == s
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # One step from the unrolled test's weights, stacked: the same update.
+  ref1, params1, metrics1 = single_device_step
+  ucfg = UpdateConfig(learning_rate=1e-2, microbatch_size=MICRO, clip_norm=1e6)
+  opt = make_optimizer(ucfg)
+  step = make_train_step(SCAN_CFG, losses.LossConfig(tau=0.5), ucfg, opt, layout=layout)
+  # A copy: the unstacked leaves are the fixture's own arrays, and the step donates.
+  stacked = jax.device_put(layer_stack.stack_layers(jax.tree.map(jnp.copy, params), 1),
+                           layout.params())
+  state = TrainState(params=stacked, opt_state=set_learning_rate(opt.init(stacked), 1e-2),
+                     step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+  state, metrics = step(state, Batch(ref_logp_NT=ref1 + 0.01, **make_batch()))
+  np.testing.assert_allclose(metrics["train/loss"], metrics1["train/loss"], rtol=1e-5)
+  for a, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(layout.params())):
+    assert a.sharding == s
+  got = layer_stack.unstack_layers(jax.device_get(state.params))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params1)):
+    np.testing.assert_allclose(np.asarray(a), b, atol=5e-5)
+
+
+def test_scanned_greedy_sampling_under_sample_layout_matches_one_device(params):
+  from kimi_jax.models import layer_stack  # pylint: disable=import-outside-toplevel
+  prompts = [[5, 7, 9], [1], [3, 4, 5, 6, 7, 8, 9, 10, 11], [2, 2]]
+  want = generate(CFG, params, prompts, 6)
+  layout = parallel.Layout.sample(mesh_of((2, 2, 2)), SCAN_CFG)
+  sharded = parallel.reshard(layer_stack.stack_layers(params, 1), layout)
+  assert generate(SCAN_CFG, sharded, prompts, 6, layout=layout) == want

@@ -123,7 +123,7 @@ def test_llama_32k_variant_trains_32k_rows(tmp_path):
   c.model.hf_path = str(tmp_path)
   s = settings.from_config(c)
   assert s.scheduler.max_length == s.model.max_position_embeddings == 32768
-  assert s.model.remat == "full" and s.model.logits_chunk > 0
+  assert s.model.scan_layers and s.model.remat == "full" and s.model.logits_chunk > 0
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
@@ -141,7 +141,7 @@ def test_full_recipe_validates_against_the_real_config_json(tmp_path, family):
   # The model's context, raised past the checkpoint's for the 16k-response recipe.
   assert s.scheduler.max_length == s.model.max_position_embeddings >= real[
       "max_position_embeddings"]
-  assert (s.model.attention, s.model.remat) == ("auto", "full")
+  assert (s.model.attention, s.model.remat, s.model.scan_layers) == ("auto", "full", True)
   assert s.model.logits_chunk > 0 and s.model.prefill_chunk > 0
   assert s.scheduler.num_slots == 8 * s.scheduler.samples_per_prompt * (8 if family == "qwen2" else 16)
   # 1-4 optimizer steps per iteration (method spec, impl. note 5).

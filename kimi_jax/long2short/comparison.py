@@ -103,6 +103,7 @@ class Comparison:
     src = params_io.resolve(path)
     cfg = params_io.config_for(src)
     layout = parallel.Layout(layout.kind, layout.mesh, cfg)
+    cfg = layout.cfg  # a sample layout's form (unrolled); restore converts
     like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         parallel.param_shapes(cfg), layout.params())
     _, params = params_io.load_params(src, cfg, params_like=like)

@@ -35,6 +35,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from kimi_jax.models import layer_stack
 from kimi_jax.models.transformer import ModelConfig, RopeScaling, init_params
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -288,7 +289,8 @@ class _TensorFiles:
 
 
 def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
-                    param_dtype: Optional[str] = None) -> tuple[ModelConfig, Params]:
+                    param_dtype: Optional[str] = None, *, scan_layers: bool = False
+                    ) -> tuple[ModelConfig, Params]:
   """Reads a HF Llama / Qwen2 directory into `(ModelConfig, params)`.
 
   Args:
@@ -298,9 +300,12 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
       (as transformers computes in the weights' dtype).
     param_dtype: dtype of the returned params; default the stored dtype of
       the embedding (bf16 stays bf16).
+    scan_layers: return `cfg.scan_layers=True` and the blocks stacked
+      `[L, ...]` under "layers" (`models.layer_stack`; HF config.json does
+      not say, so the caller does).
 
   Returns:
-    The config and a params tree of jax arrays, as `init_params` makes.
+    The config and a params tree of jax arrays, as `init_params(cfg)` makes.
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -323,10 +328,12 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
       raise HFCheckpointError(f"missing tensor {embed_name!r} in {path}")
     param_dtype = files.dtype(embed_name)
   cfg = config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype, source=config_file)
+  cfg = cfg.replace(scan_layers=scan_layers)
   return cfg, _params_from_files(cfg, files, path)
 
 
 def _params_from_files(cfg: ModelConfig, files: _TensorFiles, path: str) -> Params:
+  """`cfg`'s params (in the form `cfg.scan_layers` asks for) from `files`."""
   layout = list(_hf_layout(cfg))
   missing = [name for name, _, _ in layout if name not in files.location]
   if missing:
@@ -355,8 +362,10 @@ def _params_from_files(cfg: ModelConfig, files: _TensorFiles, path: str) -> Para
     node = params
     for key in route[:-1]:
       node = node.setdefault(key, {})
-    node[route[-1]] = jnp.asarray(x)
-  return params
+    node[route[-1]] = x
+  if cfg.scan_layers:  # stacked on the host: no second copy of the blocks on device
+    params = layer_stack.stack_layers(params, cfg.num_layers)
+  return jax.tree.map(jnp.asarray, params)
 
 
 # ----------------------------------------------------------------------- save
@@ -377,7 +386,11 @@ def _parse_size(size: Union[int, str]) -> int:
 def params_to_hf(cfg: ModelConfig, params: Params, dtype: Optional[str] = None
                  ) -> dict[str, np.ndarray]:
   """HF-named numpy tensors (in `dtype`, default `cfg.param_dtype`), checked
-  against the parameter shapes `cfg` implies."""
+  against the parameter shapes `cfg` implies. Params may be in either layer
+  form (`models.layer_stack`), whatever `cfg.scan_layers` says."""
+  if layer_stack.is_scanned(params):  # on the host first: the per-layer slices are views
+    params = layer_stack.unstack_layers(jax.tree.map(np.asarray, jax.device_get(params)))
+  cfg = cfg.replace(scan_layers=False)
   expected = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
   want = {jax.tree_util.keystr(p): x.shape
           for p, x in jax.tree_util.tree_leaves_with_path(expected)}

@@ -266,11 +266,13 @@ class _Renamed:
 
 
 def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
-                    param_dtype: Optional[str] = None) -> tuple[LlavaConfig, Params]:
+                    param_dtype: Optional[str] = None, *, scan_layers: bool = False
+                    ) -> tuple[LlavaConfig, Params]:
   """Reads a HF LLaVA directory into `(LlavaConfig, params)` (module docstring).
 
-  dtype / param_dtype as in `hf.load_pretrained` (default: the stored dtype
-  of the token embedding, for the tower too).
+  dtype / param_dtype / scan_layers (the LM's blocks stacked) as in
+  `hf.load_pretrained` (default: the stored dtype of the token embedding,
+  for the tower too).
   """
   path = os.fspath(path)
   if not os.path.isdir(path):
@@ -315,6 +317,7 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
       raise HFCheckpointError(f"missing tensor {embed!r} in {path}")
     param_dtype = files.dtype(hub[embed])
   cfg = config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype, source=config_file)
+  cfg = dataclasses.replace(cfg, text=cfg.text.replace(scan_layers=scan_layers))
 
   vision_names = {name for name, _, _ in _vision_layout(cfg)}
   lm = {}

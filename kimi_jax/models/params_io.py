@@ -28,6 +28,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Union
 import jax
 import orbax.checkpoint as ocp
 
+from kimi_jax.models import layer_stack
 from kimi_jax.models.model_config import LONG_CONTEXT_FIELDS
 from kimi_jax.models.transformer import ModelConfig, RopeScaling, init_params
 
@@ -112,8 +113,9 @@ def load_orbax(directory: PathLike, params_like: Optional[Any] = None):
   """Reads `(cfg, params)` written by `save_orbax`.
 
   `params_like` (optional) gives shapes, dtypes and shardings of the result
-  (e.g. `jax.ShapeDtypeStruct`s with `sharding=`); default: the config's
-  shapes and param dtype on the default device.
+  (e.g. `jax.ShapeDtypeStruct`s with `sharding=`) and their layer form
+  (`restore_params`); default: the config's shapes and param dtype on the
+  default device.
   """
   directory = os.path.abspath(os.fspath(directory))
   config_file = os.path.join(directory, CONFIG_NAME)
@@ -124,9 +126,7 @@ def load_orbax(directory: PathLike, params_like: Optional[Any] = None):
   cfg = read_config(config_file)
   if params_like is None:
     params_like = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(params_dir, params_like)
-  return cfg, params
+  return cfg, restore_params(params_dir, params_like)
 
 
 # ------------------------------------------------------------------ any checkpoint
@@ -248,20 +248,22 @@ def load_params(src: Union[Source, PathLike], cfg: Optional[ModelConfig] = None,
   cfg: the config to load with (default `config_for(src)`). params_like:
   shapes, dtypes and shardings of the result; orbax and run checkpoints
   restore straight into them (default: the config's shapes on the first
-  local device). A HF checkpoint is read whole on every process: the
-  caller places it (`distributed.place`).
+  local device). Params come back in the layer form of `params_like`
+  (default `cfg.scan_layers`), whichever form the checkpoint has. A HF
+  checkpoint is read whole on every process: the caller places it
+  (`distributed.place`).
   """
   src = src if isinstance(src, Source) else resolve(src)
   cfg = config_for(src) if cfg is None else cfg
   if src.kind == "hf":
     from kimi_jax.models import hf  # pylint: disable=g-import-not-at-top
-    hf_cfg, params = hf.load_pretrained(src.path, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    hf_cfg, params = hf.load_pretrained(src.path, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                        scan_layers=cfg.scan_layers)
     diff = same_architecture(hf_cfg, cfg)
     if diff:
       raise ValueError(f"checkpoint {src.path}: {HF_CONFIG_NAME} does not match the model "
                        f"config ({'; '.join(diff)})")
-    from kimi_jax.models import layer_stack  # pylint: disable=g-import-not-at-top
-    return cfg, layer_stack.to_layer_form(cfg.scan_layers, cfg.num_layers, params)
+    return cfg, params
   if params_like is None:
     params_like = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
   # Orbax will not guess a layout for a checkpoint written on another topology.
@@ -269,6 +271,15 @@ def load_params(src: Union[Source, PathLike], cfg: Optional[ModelConfig] = None,
   params_like = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device)
       if isinstance(x, jax.ShapeDtypeStruct) else x, params_like)
+  return cfg, restore_params(src.params_dir, params_like)
+
+
+def restore_params(params_dir: PathLike, params_like: Any):
+  """An orbax params item restored into `params_like`'s layer form
+  (`layer_stack`), whichever form it was written in: `scan_layers` is a
+  run-time setting, so a checkpoint may come from a run with the other."""
+  params_dir = os.fspath(params_dir)
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(src.params_dir, params_like)
-  return cfg, params
+    disk = layer_stack.scanned_or_none(ckptr.metadata(params_dir).item_metadata.tree)
+    return layer_stack.restore_in_form(lambda like: ckptr.restore(params_dir, like),
+                                       params_like, disk)

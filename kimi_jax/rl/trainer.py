@@ -47,7 +47,7 @@ from kimi_jax.checkpointing import Checkpointer
 from kimi_jax.compile_count import total_compiles
 from kimi_jax.data import prompts as prompts_lib
 from kimi_jax.metrics import MetricsWriter, read_metrics
-from kimi_jax.models import hf, layer_stack, params_io
+from kimi_jax.models import hf, params_io
 from kimi_jax.models.transformer import init_params
 from kimi_jax.plots import write_plots
 from kimi_jax.rl import batch as batch_lib
@@ -108,14 +108,14 @@ def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key,
   if s.hf_path:
     t = time.perf_counter()
     cfg, params = hf.load_pretrained(s.hf_path, dtype=s.model.dtype,
-                                     param_dtype=s.model.param_dtype)
+                                     param_dtype=s.model.param_dtype,
+                                     scan_layers=s.model.scan_layers)
     # Settings read the same config.json (the context limit may be raised).
     if params_io.same_architecture(
         cfg.replace(max_position_embeddings=s.model.max_position_embeddings), s.model):
       raise settings_lib.ConfigError(f"config.model.hf_path {s.hf_path}: config.json "
                                      f"changed since the run was configured")
     logging.info("Loaded %s in %.0f s", s.hf_path, time.perf_counter() - t)
-    params = layer_stack.to_layer_form(s.model.scan_layers, s.model.num_layers, params)
     return distributed.place(params, layout.params())
   if not s.sft_steps:
     return parallel.init_params(s.model, key, layout)
@@ -145,7 +145,8 @@ class Trainer:
         lambda p, lr: set_learning_rate(self.optimizer.init(p), lr),
         out_shardings=self.train_layout.opt_state(self.optimizer))
     budget_slots = s.scheduler.max_length if not s.scheduler.partial else s.scheduler.segment_budget
-    self.engine = SegmentSampler(s.model, s.sampling, s.repeat, self.task.eos_id, budget_slots,
+    # Rollouts run the sampling layout's (unrolled) form of the model.
+    self.engine = SegmentSampler(self.sample_layout.cfg, s.sampling, s.repeat, self.task.eos_id, budget_slots,
                                  min_width=s.scheduler.max_prompt_length,
                                  decode_phases=s.decode_phases, layout=self.sample_layout)
     self.base_key = jax.random.PRNGKey(s.seed)
@@ -185,10 +186,10 @@ class Trainer:
     kw = dict(encode=t.encode, decode=t.decode, score=t.score, eos_id=t.eos_id,
               max_new_tokens=e.max_new_tokens, verifier_workers=t.verifier_workers,
               layout=self.sample_layout)
-    out = evaluate(self.s.model, params, self.heldout, temperature=e.temperature,
+    out = evaluate(self.sample_layout.cfg, params, self.heldout, temperature=e.temperature,
                    samples=e.samples, seed=self.s.seed + 7919 * iteration, **kw)
     if e.greedy:
-      greedy = evaluate(self.s.model, params, self.heldout, temperature=0.0, **kw)
+      greedy = evaluate(self.sample_layout.cfg, params, self.heldout, temperature=0.0, **kw)
       out["eval/greedy_accuracy"] = greedy["eval/accuracy"]
     return out
 

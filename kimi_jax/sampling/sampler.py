@@ -298,10 +298,11 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if not prompts:
     raise ValueError("generate() needs at least one prompt")
-  if cfg.scan_layers and layout is None:
+  if cfg.scan_layers:
     # Decode runs unrolled: a scan over stacked weights slices every weight
     # and restacks the cache every step (the training form, not a decode one).
-    params = layer_stack.unstack_layers(params)
+    # Params resharded into a sample layout are unrolled already.
+    params = layer_stack.to_layer_form(False, cfg.num_layers, params)
     cfg = cfg.replace(scan_layers=False)
   limit = cfg.max_position_embeddings if max_length is None else max_length
   for i, p in enumerate(prompts):
