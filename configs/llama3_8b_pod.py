@@ -33,18 +33,25 @@ iteration (microbatches of 8 per step and replica). Llama 3 8B: 32 layers,
 width 4096, 32 heads / 8 kv heads, untied embeddings, vocab 128256; prompts
 start with BOS "<|begin_of_text|>" as in pretraining.
 
-Memory per chip (v5p: 95 GiB HBM): the train state, 16 bytes a parameter
-over the 32 chips (8.03B x 16 / 32 = 3.7 GiB), plus the activations of the
-one row a chip group holds at a time: with the long-context settings
-(`configs/prompt_rl.py`: scanned layers with full remat, chunked logits)
-the kept block inputs are 32 layers x T x 4096 x 2 bytes = 8 GiB at 32k
-before the tensor=4 split, plus one recomputed block and one 1024-token
-logit chunk; without them the 32k row's float32 logits alone are 15.7 GiB
-and the attention scores quadratic.
+Memory per chip (v5p: 95 GiB HBM), `MEMORY_GIB[variant]`: the train step
+compiled (not run) for this recipe's model and row length with abstract
+shapes, SPMD over 8 devices (fsdp=2 x tensor=4: the pod's tensor split, a
+quarter of its FSDP), one row per FSDP group, long-context settings on
+(configs/prompt_rl.py). XLA's per-device peak: 22.1 GiB at 8k and 40.5 GiB
+at 32k, of which 11.2 GiB are the shards of the fp32 weights and AdamW
+moments, 2.8 GiB on the pod's 32 chips. tests/test_recipe_memory.py
+recompiles both and checks the numbers. Without those settings a 32k row's
+float32 logits alone are 15.7 GiB and its attention scores quadratic.
 """
 import ml_collections
 
 from configs import prompt_rl
+
+# Checked by tests/test_recipe_memory.py (compiled on CPU, XLA memory_analysis).
+MEMORY_GIB = {
+    "": dict(mesh=(1, 2, 4), rows_per_device=1, peak_per_device=22.1, hbm_per_chip=95.0),
+    "32k": dict(mesh=(1, 2, 4), rows_per_device=1, peak_per_device=40.5, hbm_per_chip=95.0),
+}
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

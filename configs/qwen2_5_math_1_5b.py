@@ -30,21 +30,22 @@ at 4096 positions: `max_position_embeddings` is raised to the run's length
 (RoPE extrapolates; warm up on long chains of thought first, as the report
 does, and point hf_path at that checkpoint).
 
-Memory per chip (v5p: 95 GiB HBM): the train state, 16 bytes a parameter
-(fp32 weights, gradients, AdamW moments), 1.54B x 16 / 4 FSDP chips = 5.7
-GiB, plus the activations of one 16.9k-token row under the long-context
-settings (blockwise / splash attention, scanned layers with full remat,
-1024-token logit chunks):
-compiled on CPU with abstract shapes (`kimi_jax.compile_memory`), 2.8-4.6
-GiB of train-step temp growth over a 1k-token row (XLA reports a peak, so
-the split is approximate). Without
-those settings the row's float32 logits alone are 9.6 GiB.
+Memory per chip (v5p: 95 GiB HBM), `MEMORY_GIB`: the train step compiled
+(not run) for this recipe's model, row length and mesh with abstract shapes,
+SPMD over 4 devices (fsdp=4), one 16.9k-token row per device, long-context
+settings on (configs/prompt_rl.py). XLA's per-device peak (inputs + outputs
+not aliased + temporaries): 13.0 GiB, of which 4.3 GiB are the shards of the
+fp32 weights and AdamW moments. tests/test_recipe_memory.py recompiles it
+and checks the number. Without those settings the row's float32 logits
+alone are 9.6 GiB and its attention scores quadratic.
 """
 import ml_collections
 
 from configs import prompt_rl
 
 MAX_LENGTH = 512 + 16384
+# Checked by tests/test_recipe_memory.py (compiled on CPU, XLA memory_analysis).
+MEMORY_GIB = dict(mesh=(1, 4, 1), rows_per_device=1, peak_per_device=13.0, hbm_per_chip=95.0)
 
 
 

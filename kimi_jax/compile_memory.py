@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,9 @@ from kimi_jax.rl import losses
 from kimi_jax.rl.batch import Batch
 from kimi_jax.rl.update import (TrainState, UpdateConfig, make_optimizer, make_ref_logprobs,
                                 make_train_step)
+
+if TYPE_CHECKING:
+  from kimi_jax.parallel import Layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +84,18 @@ def abstract_batch(rows: int, length: int, samples_per_row: int = 1) -> Batch:
 
 def train_step_memory(cfg: ModelConfig, length: int, *, rows: int = 1,
                       loss_cfg: Optional[losses.LossConfig] = None,
-                      update_cfg: Optional[UpdateConfig] = None) -> Memory:
+                      update_cfg: Optional[UpdateConfig] = None,
+                      layout: Optional["Layout"] = None) -> Memory:
   """`make_train_step` (one microbatch of `rows` x `length` tokens unless
-  `update_cfg` says otherwise), compiled for abstract state and batch."""
+  `update_cfg` says otherwise), compiled for abstract state and batch.
+
+  layout: a training `parallel.Layout`: the step is compiled SPMD over its
+  mesh and the numbers are those of ONE device (its shards of params,
+  optimizer state and rows)."""
   loss_cfg = loss_cfg or losses.LossConfig()
   update_cfg = update_cfg or UpdateConfig(microbatch_size=rows)
   optimizer = make_optimizer(update_cfg)
-  step = make_train_step(cfg, loss_cfg, update_cfg, optimizer)
+  step = make_train_step(cfg, loss_cfg, update_cfg, optimizer, layout)
   params = abstract_params(cfg)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   state = TrainState(params=params, opt_state=jax.eval_shape(optimizer.init, params),
