@@ -44,6 +44,7 @@ flags.DEFINE_integer("today_max", 32768, "Largest T compiled with today's settin
 flags.DEFINE_integer("layers", 2, "Layers of the Qwen2.5-1.5B shape.")
 flags.DEFINE_list("run_lengths", ["8192", "16384"], "T of the measured CPU train steps "
                   "(empty: skip part 2).")
+flags.DEFINE_integer("run_timeout_s", 1800, "Wall-clock limit of one measured step's process.")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 flags.DEFINE_string("_child", "", "Internal: run one measured step 'attention,T' and print JSON.")
 FLAGS = flags.FLAGS
@@ -134,17 +135,25 @@ def run_one(attention: str, T: int) -> dict:
                                  3))
 
 
+def _child(attention: str, T: int) -> dict:
+  """`run_one` in a fresh process (its own peak RSS), or the error it ended with."""
+  try:
+    proc = subprocess.run([sys.executable, "-m", "bench.long_context",
+                           f"--_child={attention},{T}"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          timeout=FLAGS.run_timeout_s)
+  except subprocess.TimeoutExpired:
+    return dict(attention=attention, T=T, error=f"over --run_timeout_s={FLAGS.run_timeout_s}")
+  if proc.returncode:
+    return dict(attention=attention, T=T, error=proc.stderr.strip().splitlines()[-1:])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_table(lengths):
   rows = []
   for T in lengths:
     for attention in ("blockwise", "xla"):
-      proc = subprocess.run([sys.executable, "-m", "bench.long_context",
-                             f"--_child={attention},{T}"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-      if proc.returncode:
-        row = dict(attention=attention, T=T, error=proc.stderr.strip().splitlines()[-1:])
-      else:
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+      row = _child(attention, T)
       print(f"run   T={T:6d} {attention:9s} {row}", flush=True)
       rows.append(row)
   return rows

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import errno
 import glob
-import logging as std_logging
 import os
 import shutil
-import sys
 from typing import Any, NamedTuple, Optional
 
 from absl import logging
@@ -44,11 +42,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kimi_jax import distributed, faults
+from kimi_jax import distributed, faults, save_faults
 from kimi_jax.models import layer_stack
 
 PyTree = Any
-_MAX_ERR_CHARS = 400  # tensorstore errors embed whole JSON specs
 PROCESSES = "processes"  # host-state key of the per-process states
 
 
@@ -146,14 +143,14 @@ class Checkpointer:
       host[PROCESSES] = distributed.allgather_json(
           _to_json(process_state, "process_state"))
     self._saving = step
-    _ignore_closed_loop_callbacks()
+    save_faults.quiet_abandoned_writes()
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(params),
           opt_state=ocp.args.StandardSave(opt_state),
           host=ocp.args.JsonSave(host)))
     except Exception as e:  # pylint: disable=broad-except
-      if not _no_space(e):
+      if not save_faults.no_space(e):
         raise
       self._remove_partial(step)
       raise OSError(errno.ENOSPC, f"no space left on device while writing checkpoint step "
@@ -258,7 +255,7 @@ class Checkpointer:
       except Exception as e:  # any read error means "this step is broken"
         logging.warning(
             "checkpoint step %d in %s is unreadable (%s); trying an older "
-            "step", step, self.directory, _short(e))
+            "step", step, self.directory, save_faults.short(e))
         unreadable.append(step)
         continue
       self._quarantine(unreadable)
@@ -350,68 +347,3 @@ def _to_json(x: Any, path: str) -> Any:
   if isinstance(x, float):
     return x  # NaN / inf are written as the NaN / Infinity JSON extensions
   raise TypeError(f"{path}: {type(x).__name__} is not JSON-able")
-
-
-def _ignore_closed_loop_callbacks() -> None:
-  """When one write of a save fails (a full disk), orbax closes its event loop
-  while tensorstore still completes the other writes; their callbacks then
-  raise RuntimeError('Event loop is closed') into sys.unraisablehook, which
-  prints a traceback per array around our one-line error. They are harmless
-  (the save is reported and its partial step removed), so only those are
-  dropped, logged at debug level; every other unraisable is printed as before."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_kimi_jax_closed_loop", False):
-    return
-
-  def hook(unraisable):
-    e = unraisable.exc_value
-    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-      logging.debug("ignored a write callback after a failed checkpoint save: %s", e)
-      return
-    previous(unraisable)
-
-  hook._kimi_jax_closed_loop = True  # pylint: disable=protected-access
-  sys.unraisablehook = hook
-  asyncio_logger = std_logging.getLogger("asyncio")
-  if not any(isinstance(f, _AbandonedWriteFilter) for f in asyncio_logger.filters):
-    asyncio_logger.addFilter(_AbandonedWriteFilter())
-
-
-class _AbandonedWriteFilter(std_logging.Filter):
-  """Drops asyncio's "Future/Task exception was never retrieved" records whose
-  exception is a full disk or the closed loop: the futures of the writes a
-  failed save abandoned, garbage-collected at an arbitrary later moment (in
-  CI one was logged after our one-line error, as the last line of the run).
-  Every other asyncio record passes."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if "exception was never retrieved" not in str(record.msg):
-      return True
-    e = record.exc_info[1] if record.exc_info else None
-    if e is None:
-      return True
-    closed = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-    if closed or _no_space(e):
-      logging.debug("ignored an abandoned checkpoint write: %s", e)
-      return False
-    return True
-
-
-def _no_space(e: BaseException) -> bool:
-  """Whether `e` (or what caused it) is a full disk or quota. Orbax reports
-  tensorstore's ENOSPC as a ValueError "RESOURCE_EXHAUSTED ... [os_error_code='28']"."""
-  while e is not None:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    text = str(e)
-    if "No space left on device" in text or "Disk quota exceeded" in text:
-      return True
-    e = e.__cause__ or e.__context__
-  return False
-
-
-def _short(e: BaseException) -> str:
-  text = f"{type(e).__name__}: {e}"
-  if len(text) > _MAX_ERR_CHARS:
-    text = text[:_MAX_ERR_CHARS] + "..."
-  return text

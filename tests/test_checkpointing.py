@@ -243,8 +243,8 @@ def test_abandoned_writes_of_a_failed_save_are_not_logged_after_its_error():
   last line of a run, after the one-line error). Those records (full disk,
   closed loop) are dropped; any other asyncio error still reaches the log."""
   import logging as std_logging
-  from kimi_jax import checkpointing
-  checkpointing._ignore_closed_loop_callbacks()  # pylint: disable=protected-access
+  from kimi_jax import save_faults
+  save_faults.quiet_abandoned_writes()
   seen = []
 
   class Keep(std_logging.Handler):
