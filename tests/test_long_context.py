@@ -41,7 +41,7 @@ def _close(a, b, atol=1e-5):
                                                        atol=atol, rtol=1e-5), a, b)
 
 
-@pytest.mark.parametrize("chunk", [7, 16, 40])
+@pytest.mark.parametrize("chunk", [7, 40])
 def test_chunked_logits_give_the_same_logprobs_and_gradients(chunk):
   params = init_params(CFG, jax.random.PRNGKey(0))
   tokens, pos, seg = _packed(np.random.default_rng(0))
@@ -93,8 +93,7 @@ def test_next_token_logprobs_reports_argmax_hits_per_chunk():
   np.testing.assert_array_equal(np.asarray(hit), np.asarray(targets == jnp.argmax(full, -1)))
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("remat,scan", [("full", False), ("full", True), ("dots", True)])
 def test_remat_and_scan_change_no_value_or_gradient(remat, scan):
   from kimi_jax.models import layer_stack  # pylint: disable=import-outside-toplevel
   params = init_params(CFG, jax.random.PRNGKey(4))
@@ -107,7 +106,7 @@ def test_remat_and_scan_change_no_value_or_gradient(remat, scan):
   _close(layer_stack.unstack_layers(g) if scan else g, ref_g)
 
 
-@pytest.mark.parametrize("P,chunk", [(24, 8), (27, 8), (27, 30)])
+@pytest.mark.parametrize("P,chunk", [(27, 8), (27, 30)])
 def test_chunked_prefill_fills_the_same_cache(P, chunk):
   """Left-padded prompts, P tokens in chunks of C (a remainder first when C
   does not divide P): same cache and last logits as one call."""
