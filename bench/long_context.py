@@ -97,31 +97,13 @@ def _temp(rows, settings, T, part="train_step"):
 def run_one(attention: str, T: int) -> dict:
   """One compiling + one timed train step of SMALL at T tokens (this process)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from kimi_jax.models.transformer import ModelConfig, init_params
-  from kimi_jax.rl import losses
-  from kimi_jax.rl.batch import Batch
-  from kimi_jax.rl.update import TrainState, UpdateConfig, make_optimizer, make_train_step
+  from bench.step_inputs import step_and_inputs
+  from kimi_jax.models.transformer import ModelConfig
 
   cfg = ModelConfig(**SMALL, **dict(LONG, attention=attention))
-  ucfg = UpdateConfig(microbatch_size=1)
-  opt = make_optimizer(ucfg)
-  step = make_train_step(cfg, losses.LossConfig(), ucfg, opt)
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  state = TrainState(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32),
-                     skipped=jnp.zeros((), jnp.int32))
-  rng = np.random.default_rng(0)
-  mask = np.ones((1, T), np.float32)
-  mask[:, :256] = 0.0
-  batch = Batch(tokens_NT=rng.integers(3, cfg.vocab_size, (1, T)).astype(np.int32),
-                positions_NT=np.arange(T, dtype=np.int32)[None],
-                segment_ids_NT=np.ones((1, T), np.int32), mask_NT=mask,
-                ref_logp_NT=np.full((1, T), -3.0, np.float32),
-                behaviour_logp_NT=np.full((1, T), -3.0, np.float32),
-                rewards_NS=np.ones((1, 1), np.float32), advantages_NS=np.ones((1, 1), np.float32),
-                sample_mask_NS=np.ones((1, 1), np.float32))
+  step, state, batch = step_and_inputs(cfg, 1, T, prompt_tokens=256, rewards=[1.0])
   t = time.perf_counter()
   state, _ = jax.block_until_ready(step(state, batch))
   first_s = time.perf_counter() - t
@@ -172,14 +154,14 @@ def main(argv):
   report = dict(bench="long_context", model=dict(QWEN_1_5B, num_layers=FLAGS.layers),
                 long_settings=LONG, today_settings=TODAY, backend=jax.default_backend(),
                 compile_table=table)
-  lo, hi = min(lengths), max(lengths)
-  base = 8192 if 8192 in lengths else lo
+  hi = max(lengths)
+  base = 8192 if 8192 in lengths else min(lengths)
   if _temp(table, "long", base) and _temp(table, "long", hi):
-    report["train_temp_ratio"] = dict(
-        lengths=[base, hi], ratio=round(_temp(table, "long", hi) / _temp(table, "long", base), 2),
-        linear=hi / base, target=RATIO_TARGET * hi / 131072 * 8192 / base)
-    report["train_temp_ratio"]["meets_target"] = (
-        report["train_temp_ratio"]["ratio"] <= report["train_temp_ratio"]["target"])
+    ratio = round(_temp(table, "long", hi) / _temp(table, "long", base), 2)
+    # The issue's 17 for 8k -> 128k (16x), i.e. 1/16 above linear, at any pair.
+    target = hi / base * RATIO_TARGET / 16
+    report["train_temp_ratio"] = dict(lengths=[base, hi], ratio=ratio, linear=hi / base,
+                                      target=target, meets_target=ratio <= target)
   if _temp(table, "today", 32768) and _temp(table, "long", 32768):
     x = _temp(table, "today", 32768) / _temp(table, "long", 32768)
     report["today_over_long_at_32k"] = dict(ratio=round(x, 1), target=TODAY_OVER_LONG_AT_32K,

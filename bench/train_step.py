@@ -71,36 +71,17 @@ def step_flops(cfg, batch: int, seq_len: int) -> tuple[int, int]:
 def main(argv):
   del argv
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from kimi_jax.models.transformer import ModelConfig, init_params
-  from kimi_jax.rl import losses
-  from kimi_jax.rl.batch import Batch
-  from kimi_jax.rl.update import TrainState, UpdateConfig, make_optimizer, make_train_step
+  from bench.step_inputs import step_and_inputs
+  from kimi_jax.models.transformer import ModelConfig
 
   cfg = ModelConfig(**MODEL)
   B, T = FLAGS.batch, FLAGS.seq_len
   sizes = [int(s) for s in FLAGS.peak_sizes]
   peak_before = matmul_peak(sizes)
 
-  ucfg = UpdateConfig(microbatch_size=B)
-  opt = make_optimizer(ucfg)
-  step = make_train_step(cfg, losses.LossConfig(), ucfg, opt)
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  state = TrainState(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32),
-                     skipped=jnp.zeros((), jnp.int32))
-  rng = np.random.default_rng(0)
-  mask = np.ones((B, T), np.float32)
-  mask[:, : T // 4] = 0.0  # a prompt quarter outside the loss
-  rewards = rng.integers(0, 2, B).astype(np.float32)
-  batch = jax.device_put(Batch(
-      tokens_NT=rng.integers(3, cfg.vocab_size, (B, T)).astype(np.int32),
-      positions_NT=np.tile(np.arange(T, dtype=np.int32), (B, 1)),
-      segment_ids_NT=np.ones((B, T), np.int32), mask_NT=mask,
-      ref_logp_NT=np.full((B, T), -3.0, np.float32),
-      behaviour_logp_NT=np.full((B, T), -3.0, np.float32), rewards_NS=rewards[:, None],
-      advantages_NS=(rewards - rewards.mean())[:, None], sample_mask_NS=np.ones((B, 1), np.float32)))
+  step, state, batch = step_and_inputs(cfg, B, T, prompt_tokens=T // 4)
 
   t = time.perf_counter()
   state, metrics = jax.block_until_ready(step(state, batch))

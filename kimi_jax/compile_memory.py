@@ -11,8 +11,10 @@ returns XLA's `memory_analysis()` in bytes:
   alias     output bytes that reuse donated inputs
 
 Used by `bench/long_context.py` (how memory grows with the sequence) and by
-the recipe tests (`configs/qwen2_5_math_1_5b.py`, `configs/llama3_8b_pod.py`
-state their arithmetic; a test compiles 2 layers and scales by the count).
+tests/test_recipe_memory.py (each real-model recipe's train step compiled
+SPMD under its mesh against the per-device memory the recipe states). XLA
+reports a peak over the program, so compare whole programs: differences of
+two peaks do not split memory into parts.
 """
 from __future__ import annotations
 
@@ -121,21 +123,3 @@ def prefill_memory(cfg: ModelConfig, length: int, *, rows: int = 1) -> Memory:
   tokens = jax.ShapeDtypeStruct((rows, length), jnp.int32)
   fn = jax.jit(lambda p, t, c: sampler.prefill(model, p, t, c), donate_argnums=(2,))
   return _analyse(fn.lower(abstract_params(cfg), tokens, cache))
-
-
-def train_activation_bytes(cfg: ModelConfig, length: int, *, base_length: int = 1024,
-                           rows: int = 1) -> dict:
-  """The train step's temp memory split into what grows with the tokens of
-  a microbatch and what does not: 2 compiles of the whole model, at `length`
-  and `base_length`. With `cfg.scan_layers` the compile costs what 2 layers
-  cost (one scan body), so the full depth is compiled rather than scaled.
-
-  Returns bytes: `activations` = temp(length) - temp(base_length), what one
-  microbatch of `rows` x `length` tokens costs beyond a short one (kept
-  block inputs, recomputed block, logit chunks, loss); `fixed` =
-  temp(base_length), dominated by param-sized buffers (gradients, optimizer
-  updates), which FSDP shards like the params.
-  """
-  long = train_step_memory(cfg, length, rows=rows).temp
-  short = train_step_memory(cfg, base_length, rows=rows).temp
-  return dict(activations=long - short, fixed=short)

@@ -12,7 +12,7 @@ under `parallel.Layout.activate`).
 
 Layers are unrolled (`layers_0`, `layers_1`, ...) by default, or with
 `cfg.scan_layers` one `nn.scan` over params stacked `[L, ...]` under
-`layers` (compile time of deep models; `params_io.stack_layers` /
+`layers` (compile time of deep models; `layer_stack.stack_layers` /
 `unstack_layers` convert). On the decode path a scan slices every weight
 every step (about twice the matmul time on CPU), so samplers may prefer the
 unrolled form. `cfg.remat` rematerialises each block in the backward pass.
