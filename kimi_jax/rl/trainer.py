@@ -146,8 +146,8 @@ class Trainer:
         out_shardings=self.train_layout.opt_state(self.optimizer))
     budget_slots = s.scheduler.max_length if not s.scheduler.partial else s.scheduler.segment_budget
     # Rollouts run the sampling layout's (unrolled) form of the model.
-    self.engine = SegmentSampler(self.sample_layout.cfg, s.sampling, s.repeat, self.task.eos_id, budget_slots,
-                                 min_width=s.scheduler.max_prompt_length,
+    self.engine = SegmentSampler(self.sample_layout.cfg, s.sampling, s.repeat, self.task.eos_id,
+                                 budget_slots, min_width=s.scheduler.max_prompt_length,
                                  decode_phases=s.decode_phases, layout=self.sample_layout)
     self.base_key = jax.random.PRNGKey(s.seed)
 
