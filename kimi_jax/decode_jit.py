@@ -51,6 +51,8 @@ class DecodeJit:
 
     @functools.wraps(fun)  # keeps the signature that static_argnames refer to
     def traced(*args, **kwargs):
+      if not backend_lib.is_cpu():  # e.g. under backend.accelerator_forms()
+        return fun(*args, **kwargs)
       with attention.cpu_decode_program():
         return fun(*args, **kwargs)
     self._traced = traced

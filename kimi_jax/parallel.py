@@ -46,6 +46,7 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from kimi_jax import backend
 from kimi_jax.models import layer_stack, transformer
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig
@@ -239,13 +240,15 @@ class Layout:
 
   def kv_cache(self, batch: int, length: int) -> KVCache:
     """Shardings of `init_cache(cfg, batch, length)`: rows over the data axes,
-    kv heads over `tensor` (keys `[B,K,E,S]`, values `[B,K,S,E]`)."""
+    kv heads over `tensor`, in the backend's cache layout (kv_cache.py)."""
     self.check_batch(batch, "KV cache batch")
-    c, names = self.cfg, ("activation_batch", "activation_kv_heads", None, None)
-    k = self.logical(names, (batch, c.num_kv_heads, c.head_size, length))
-    v = self.logical(names, (batch, c.num_kv_heads, length, c.head_size))
+    c, cpu_layout = self.cfg, backend.is_cpu()
+    k_shape, v_shape = KVCache.shapes(batch, c.num_kv_heads, length, c.head_size, cpu_layout)
+    names = (("activation_batch", "activation_kv_heads", None, None) if cpu_layout else
+             ("activation_batch", None, "activation_kv_heads", None))
+    k, v = self.logical(names, k_shape), self.logical(names, v_shape)
     return KVCache(k=(k,) * c.num_layers, v=(v,) * c.num_layers, index=self.replicated,
-                   start=self.batch())
+                   start=self.batch(), cpu_layout=cpu_layout)
 
   def rollout_state(self, num_slots: int) -> RolloutState:
     """Shardings of a `RolloutState` of `num_slots` rows: every field by row."""

@@ -1,9 +1,12 @@
-"""Attention core: softmax(q.k / sqrt(E)) . v over keys laid out slots-last.
+"""Attention over a KV cache: softmax(q.k / sqrt(E)) . v with a `[B, T, S]` key mask.
 
 Axis legend: B batch, T queries, S key slots, K kv heads, G query heads per
-kv head, E head dim. Keys are `[B, K, E, S]` and values `[B, K, S, E]` (the
-KV-cache layout, see kv_cache.py); masked slots get a finite fill so fully
-masked rows (left padding) stay free of NaNs.
+kv head, E head dim, H = K * G. `attend_cache` reads the accelerator cache
+layout (keys and values `[B, S, K, E]`); the rest is the CPU layout's (keys
+`[B, K, E, S]`, values `[B, K, S, E]`, see kv_cache.py) and its one-token
+decode step. Masked slots get a finite fill so fully masked rows (left
+padding) stay free of NaNs. Attention without a cache (training, scoring)
+is `attention_kernels.sequence_attention`.
 """
 from __future__ import annotations
 
@@ -17,9 +20,23 @@ import jax.numpy as jnp
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
+def attend_cache(q_BTHE: jax.Array, k_BSKE: jax.Array, v_BSKE: jax.Array,
+                 mask_BTS: jax.Array) -> jax.Array:
+  """`[B, T, H, E]` (v's dtype) attention over a cache in the accelerator layout;
+  scores and softmax in float32 (the einsums XLA TPU / GPU tile directly)."""
+  B, T, H, E = q_BTHE.shape
+  K = k_BSKE.shape[2]
+  q_BTKGE = q_BTHE.reshape(B, T, K, H // K, E)
+  scores = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE.astype(q_BTHE.dtype),
+                      preferred_element_type=jnp.float32)
+  probs = _probs(scores, mask_BTS[:, None, None, :, :], E, v_BSKE.dtype)
+  return jnp.einsum("bkgts,bske->btkge", probs, v_BSKE).reshape(B, T, H, E)
+
+
 def attend(q_BKGTE: jax.Array, k_BKES: jax.Array, v_BKSE: jax.Array,
            mask_BTS: jax.Array) -> jax.Array:
-  """`[B, K, G, T, E]` (v's dtype) attention output; scores and softmax in float32."""
+  """`[B, K, G, T, E]` (v's dtype) attention over a cache in the CPU layout;
+  scores and softmax in float32."""
   scores = jnp.einsum("bkgte,bkes->bkgts", q_BKGTE, k_BKES.astype(q_BKGTE.dtype),
                       preferred_element_type=jnp.float32)
   probs = _probs(scores, mask_BTS[:, None, None, :, :], q_BKGTE.shape[-1], v_BKSE.dtype)

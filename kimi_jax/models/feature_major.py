@@ -20,7 +20,7 @@ transposed once per `decode` call (`to_feature_major`, outside the decode
 loop) and the hidden state stays `[D, B]` from layer to layer. Only the
 small per-step tensors (q, the new k/v, the attention output: B x H*E
 values) are transposed around the attention core, which reads the KV cache
-in its usual layout (kv_cache.py), so prefill and the cache are shared with
+in its CPU layout (kv_cache.py), so prefill and the cache are shared with
 `Transformer`. The attention output is produced batch-last by the closing
 sum of its p.v (`attention.decode_values(batch_last=True)`) and the logits
 are returned `[V, B]`, because XLA also folds a transpose of a product's
@@ -95,6 +95,8 @@ def decode_step(cfg: ModelConfig, fm: dict, token_B: jax.Array, cache: KVCache):
   the head's product would make XLA run it in the slow operand order
   (`sampler.sample_token(..., vocab_first=True)` takes them as they are).
   """
+  if not cache.cpu_layout:
+    raise ValueError("feature_major.decode_step is the CPU step: it needs the CPU cache layout")
   K, E = cfg.num_kv_heads, cfg.head_size
   H = cfg.num_heads
   B = token_B.shape[0]

@@ -8,24 +8,30 @@ padded cache would need a scatter per row). Row b holds valid entries in slots
 `[start[b], index)`; slots before `start[b]` are padding and are never
 attended. The token in slot s of row b has RoPE position `s - start[b]`.
 
-Keys are laid out `[B, K, E, S]` and values `[B, K, S, E]` per layer: in both
-decode-step products (scores = q·k over E, out = p·v over S) the OUTPUT axis
-is then the contiguous one, which XLA CPU vectorises. Measured at batch 32,
-2 kv heads x 4 groups, 640 slots, per layer and step: q·k 1.7 ms with keys
-[B, K, E, S] vs 5.2 ms with [B, K, S, E]; p·v 1.3 ms with values
-[B, K, S, E] vs 3.8 ms with [B, K, E, S]. Layers are kept as a tuple, not stacked, so the
-unrolled decoder never slices a stacked buffer per step.
+Two layouts, chosen once by the backend (`backend.is_cpu()`, stored in the
+static `KVCache.cpu_layout`):
+- TPU / GPU: keys and values `[B, S, K, E]` per layer, the layout a forward
+  produces (`[B, T, K, E]`) and that `jax.nn.dot_product_attention` and the
+  attention kernels take: a write is one `dynamic_update_slice`, head dim on
+  the lanes.
+- CPU: keys `[B, K, E, S]` and values `[B, K, S, E]`: in both decode-step
+  products (scores = q.k over E, out = p.v over S) the OUTPUT axis is then
+  the contiguous one, which XLA CPU vectorises. Measured at batch 32, 2 kv
+  heads x 4 groups, 640 slots, per layer and step: q.k 1.7 ms with keys
+  [B, K, E, S] vs 5.2 ms with [B, K, S, E]; p.v 1.3 ms with values
+  [B, K, S, E] vs 3.8 ms with [B, K, E, S].
+Layers are kept as a tuple, not stacked, so the unrolled decoder never
+slices a stacked buffer per step.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-# The slot axis S of one layer's keys [B, K, E, S] and values [B, K, S, E]:
-# code that moves slots around (e.g. grouped re-prefill) reads them here.
-K_SLOT_AXIS = 3
-V_SLOT_AXIS = 2
+from kimi_jax import backend
 
 
 @flax.struct.dataclass
@@ -33,34 +39,57 @@ class KVCache:
   """Per-layer keys/values plus the shared write index and per-row starts.
 
   Attributes:
-    k: tuple of L arrays `[B, K, E, S]` (compute dtype; slots last).
-    v: tuple of L arrays `[B, K, S, E]`.
+    k: tuple of L arrays (compute dtype): `[B, S, K, E]`, or `[B, K, E, S]`
+      (slots last) with `cpu_layout`.
+    v: tuple of L arrays: `[B, S, K, E]`, or `[B, K, S, E]` with `cpu_layout`.
     index: int32 scalar, the next slot to write (same for every row).
     start: int32 `[B]`, the first valid slot of each row.
+    cpu_layout: static, which layout (see the module docstring).
   """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   index: jax.Array
   start: jax.Array
+  cpu_layout: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @staticmethod
+  def shapes(batch: int, num_kv_heads: int, length: int, head_dim: int,
+             cpu_layout: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(keys shape, values shape) of one layer in the given layout."""
+    if cpu_layout:
+      return (batch, num_kv_heads, head_dim, length), (batch, num_kv_heads, length, head_dim)
+    shape = (batch, length, num_kv_heads, head_dim)
+    return shape, shape
 
   @classmethod
   def init(cls, num_layers: int, batch: int, num_kv_heads: int, length: int,
            head_dim: int, dtype=jnp.float32, start: jax.Array | None = None,
-           ) -> "KVCache":
-    """An empty cache of `length` slots; `start` defaults to 0 for every row."""
-    k_shape = (batch, num_kv_heads, head_dim, length)
-    v_shape = (batch, num_kv_heads, length, head_dim)
+           cpu_layout: Optional[bool] = None) -> "KVCache":
+    """An empty cache of `length` slots; `start` defaults to 0 for every row,
+    `cpu_layout` to `backend.is_cpu()`."""
+    cpu_layout = backend.is_cpu() if cpu_layout is None else bool(cpu_layout)
+    k_shape, v_shape = cls.shapes(batch, num_kv_heads, length, head_dim, cpu_layout)
     if start is None:
       start = jnp.zeros((batch,), jnp.int32)
     return cls(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(num_layers)),
                v=tuple(jnp.zeros(v_shape, dtype) for _ in range(num_layers)),
                index=jnp.zeros((), jnp.int32),
-               start=jnp.asarray(start, jnp.int32))
+               start=jnp.asarray(start, jnp.int32), cpu_layout=cpu_layout)
+
+  @property
+  def k_slot_axis(self) -> int:
+    """The slot axis S of one layer's keys (code that moves slots reads it here)."""
+    return 3 if self.cpu_layout else 1
+
+  @property
+  def v_slot_axis(self) -> int:
+    """The slot axis S of one layer's values."""
+    return 2 if self.cpu_layout else 1
 
   @property
   def length(self) -> int:
     """Number of slots S (static)."""
-    return self.k[0].shape[K_SLOT_AXIS]
+    return self.k[0].shape[self.k_slot_axis]
 
   @property
   def lengths(self) -> jax.Array:
@@ -95,5 +124,22 @@ class KVCache:
       pad = [(0, 0)] * x.ndim
       pad[axis] = (0, length - x.shape[axis])
       return jnp.pad(x, pad)
-    return self.replace(k=tuple(fit(x, K_SLOT_AXIS) for x in self.k),
-                        v=tuple(fit(x, V_SLOT_AXIS) for x in self.v))
+    return self.replace(k=tuple(fit(x, self.k_slot_axis) for x in self.k),
+                        v=tuple(fit(x, self.v_slot_axis) for x in self.v))
+
+  def write(self, layer_k, layer_v, k_BTKE: jax.Array, v_BTKE: jax.Array):
+    """`write_layer` at this cache's index and in its layout."""
+    return write_layer(self.cpu_layout, layer_k, layer_v, k_BTKE, v_BTKE, self.index)
+
+
+def write_layer(cpu_layout: bool, layer_k, layer_v, k_BTKE: jax.Array, v_BTKE: jax.Array,
+                index: jax.Array):
+  """One layer's keys/values with T new tokens `[B, T, K, E]` written at slots
+  `[index, index + T)`; returns `(layer_k, layer_v)` in the given layout."""
+  if cpu_layout:
+    return (jax.lax.dynamic_update_slice(
+                layer_k, k_BTKE.transpose(0, 2, 3, 1).astype(layer_k.dtype), (0, 0, 0, index)),
+            jax.lax.dynamic_update_slice(
+                layer_v, v_BTKE.transpose(0, 2, 1, 3).astype(layer_v.dtype), (0, 0, index, 0)))
+  return (jax.lax.dynamic_update_slice(layer_k, k_BTKE.astype(layer_k.dtype), (0, index, 0, 0)),
+          jax.lax.dynamic_update_slice(layer_v, v_BTKE.astype(layer_v.dtype), (0, index, 0, 0)))

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from kimi_jax import backend
-from kimi_jax.models import attention, attention_kernels
+from kimi_jax.models import attention, attention_kernels, kv_cache
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.model_config import (  # noqa: F401  (re-exported)
     ATTENTION_IMPLEMENTATIONS, FAMILIES, REMAT_POLICIES, ModelConfig, RopeScaling)
@@ -102,7 +102,8 @@ class Attention(nn.Module):
     causal self-attention within a segment. With it, `mask` is the bool
     `[B, T, S]` key mask of the cache and the new keys/values are written at
     `cache_index`. Returns `(out_BTD, kv)`: the updated cache layer
-    `(k_BKES, v_BKSE)` with a cache, else None.
+    `(keys, values)` (in the backend's layout, see kv_cache.py) with a
+    cache, else None.
     """
     cfg = self.cfg
     K, E = cfg.num_kv_heads, cfg.head_size
@@ -124,19 +125,21 @@ class Attention(nn.Module):
       out_BTHE = attention_kernels.sequence_attention(
           q_BTHE, k_BTKE, v_BTKE, segment_ids_BT=mask, implementation=cfg.attention)
     else:
-      ck, cv = cache_kv  # keys slots-last: see kv_cache.py
-      k_BKES = jax.lax.dynamic_update_slice(
-          ck, k_BTKE.transpose(0, 2, 3, 1).astype(ck.dtype), (0, 0, 0, cache_index))
-      v_BKSE = jax.lax.dynamic_update_slice(
-          cv, v_BTKE.transpose(0, 2, 1, 3).astype(cv.dtype), (0, 0, cache_index, 0))
-      kv = (k_BKES, v_BKSE)
-      q_BKGTE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4)
-      if T == 1 and backend.is_cpu():
-        out_BKGTE = attention.decode_step_cpu(q_BKGTE[:, :, :, 0, :], k_BKES, v_BKSE,
-                                              mask[:, 0, :])[:, :, :, None, :]
+      # The cache layout is the backend's (kv_cache.py): Transformer.__call__
+      # checked that the cache was made for it.
+      cpu_layout = backend.is_cpu()
+      kv = kv_cache.write_layer(cpu_layout, *cache_kv, k_BTKE, v_BTKE, cache_index)
+      if not cpu_layout:
+        out_BTHE = attention.attend_cache(q_BTHE, *kv, mask)
       else:
-        out_BKGTE = attention.attend(q_BKGTE, k_BKES, v_BKSE, mask)
-      out_BTHE = out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads, E)
+        k_BKES, v_BKSE = kv
+        q_BKGTE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4)
+        if T == 1:
+          out_BKGTE = attention.decode_step_cpu(q_BKGTE[:, :, :, 0, :], k_BKES, v_BKSE,
+                                                mask[:, 0, :])[:, :, :, None, :]
+        else:
+          out_BKGTE = attention.attend(q_BKGTE, k_BKES, v_BKSE, mask)
+        out_BTHE = out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(B, T, cfg.num_heads, E)
     o = self.param("o", nn.with_logical_partitioning(_kernel_init(), ("q_heads", "head_dim", "embed")),
                    (cfg.num_heads, E, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
     # One [H*E, D] matmul rather than an einsum over (h, e): with the einsum,
@@ -270,6 +273,11 @@ class Transformer(nn.Module):
         raise ValueError("segment_ids_BT is only supported without a KV cache")
       if T > cache.length:
         raise ValueError(f"{T} new tokens do not fit in a KV cache of {cache.length} slots")
+      if cache.cpu_layout != backend.is_cpu():
+        raise ValueError(
+            f"the KV cache has the {'CPU' if cache.cpu_layout else 'accelerator'} layout but "
+            f"this program is traced for the other (see kv_cache.py; make it with init_cache "
+            f"under the same backend forms)")
       mask = cache.key_mask(T)
       if positions_BT is None:
         positions_BT = cache.positions(T)
@@ -338,4 +346,4 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
 def init_cache(cfg: ModelConfig, batch: int, length: int, start=None) -> KVCache:
   """An empty cache for `cfg` in its compute dtype."""
   return KVCache.init(cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_size,
-                      cfg.compute_dtype, start)
+                      cfg.compute_dtype, start)  # the layout: backend.is_cpu()

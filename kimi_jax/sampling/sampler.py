@@ -1,10 +1,12 @@
-"""Jitted prefill + `lax.while_loop` decode over an explicit KV cache.
+"""Jitted prefill + decode over an explicit KV cache.
 
 Axis legend: B batch (rows), P prompt slots, N new-token slots, V vocab.
 
 The sampler knows nothing about RL: it turns left-padded prompts into new
 tokens and their log-probs. `generate` is the list-in/list-out convenience
-API; `decode` is the array-level jitted function the rollout engine reuses.
+API; `decode` is its array-level jitted function. Both decode through
+`decode_loop.decode_tokens`, the loop the rollout segment runs too, and
+prefill through `prefill`, which the segment shares.
 
 Static shapes: the batch, the prompt length and the number of new tokens are
 rounded up to buckets (powers of two), so repeated calls with prompts that
@@ -27,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax import decode_jit, distributed
-from kimi_jax.models import attention, feature_major, layer_stack
+from kimi_jax.models import layer_stack
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
-from kimi_jax.sampling import phases
+from kimi_jax.sampling import decode_loop, phases
 
 if TYPE_CHECKING:
   from kimi_jax.parallel import Layout
@@ -201,51 +203,19 @@ def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax
 
 def _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampling, new_slots,
             bounds, layout):
-  """`decode`'s body over the cache sizes `bounds`; `layout` (or None) pins the cache.
-
-  In a CPU decode program (see decode_jit) without a layout, the loop runs
-  `feature_major.decode_step` on weights transposed once here, before the
-  loop (a second copy of the weights for the duration of the call)."""
-  B, P = tokens_BP.shape
-  model = Transformer(cfg)
-  fm = None
-  if layout is None and attention.in_cpu_decode_program():
-    fm = feature_major.to_feature_major(cfg, params)
+  """`decode`'s body over the cache sizes `bounds`; `layout` (or None) pins the
+  cache. The loop is `decode_loop.decode_tokens`, the rollouts' loop, with one
+  limit for every row and no repeat detector."""
+  B = tokens_BP.shape[0]
   place = functools.partial(pin_cache, layout=layout)
   cache = place(init_cache(cfg, B, bounds[0], start=start_B))
-  logits_BV, cache = prefill(model, params, tokens_BP, cache)
-  rng, sub = jax.random.split(rng)
-  token_B, logp_B = sample_token(logits_BV, sub, sampling)
-  out_BN = jnp.zeros((B, new_slots), jnp.int32).at[:, 0].set(token_B)
-  logp_BN = jnp.zeros((B, new_slots), jnp.float32).at[:, 0].set(logp_B)
-  done_B = token_B == eos_id
-  num_new_B = jnp.ones((B,), jnp.int32)
-
-  def cond(carry):
-    i, _, _, _, _, done_B, _, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done_B)
-
-  def body(carry):
-    i, cache, token_B, out_BN, logp_BN, done_B, num_new_B, rng = carry
-    rng, sub = jax.random.split(rng)
-    if fm is None:
-      logits_B1V, cache = model.apply({"params": params}, token_B[:, None], cache=cache)
-      token_B, logp_B = sample_token(logits_B1V[:, 0, :], sub, sampling)
-    else:
-      logits_VB, cache = feature_major.decode_step(cfg, fm, token_B, cache)
-      token_B, logp_B = sample_token(logits_VB, sub, sampling, vocab_first=True)
-    token_B = jnp.where(done_B, 0, token_B)
-    logp_B = jnp.where(done_B, 0.0, logp_B)
-    out_BN = jax.lax.dynamic_update_slice(out_BN, token_B[:, None], (0, i))
-    logp_BN = jax.lax.dynamic_update_slice(logp_BN, logp_B[:, None], (0, i))
-    num_new_B = num_new_B + (~done_B).astype(jnp.int32)
-    done_B = done_B | (token_B == eos_id)
-    return i + 1, cache, token_B, out_BN, logp_BN, done_B, num_new_B, rng
-
-  carry = (jnp.ones((), jnp.int32), cache, token_B, out_BN, logp_BN, done_B, num_new_B, rng)
-  carry = phases.phased_while_loop(cond, body, carry, bounds, place)
-  _, _, _, out_BN, logp_BN, _, num_new_B, _ = carry
-  return out_BN, logp_BN, num_new_B
+  logits_BV, cache = prefill(Transformer(cfg), params, tokens_BP, cache)
+  step, vocab_first = decode_loop.one_token_step(cfg, params, layout is not None)
+  out = decode_loop.decode_tokens(
+      step, vocab_first, functools.partial(sample_token, cfg=sampling), logits_BV, cache, rng,
+      eos_id, new_slots=new_slots, bounds=bounds,
+      limit_B=jnp.full((B,), max_new_tokens, jnp.int32), place=place)
+  return out.tokens_BN, out.logp_BN, out.count_B
 
 
 def bucket(n: int, minimum: int = 8) -> int:

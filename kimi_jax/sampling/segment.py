@@ -10,9 +10,10 @@ budget), V vocab.
      with `prefill_rows` > 0 the running rows are prefilled in groups, each
      at the width its longest row needs, so one long carried row does not
      make every row prefill at W (the cache layout is the same either way);
-  2. decodes in one `lax.while_loop` until each row hits eos, its budget, the
-     max total length L, or a detected repeat; finished rows only cost
-     masking until the whole batch is done;
+  2. decodes in `decode_loop.decode_tokens` (the loop `generate` runs too)
+     until each row hits eos, its budget, the max total length L, or a
+     detected repeat; finished rows only cost masking until the whole batch
+     is done;
   3. writes new tokens, behaviour log-probs and the iteration index back into
      the right-aligned `RolloutState`.
 
@@ -40,11 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax import distributed
-from kimi_jax.models.kv_cache import K_SLOT_AXIS, V_SLOT_AXIS
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
-from kimi_jax.sampling import repetition
+from kimi_jax.sampling import decode_loop, repetition
 from kimi_jax.sampling.finish import FinishReason
-from kimi_jax.sampling.phases import phase_slots, phased_while_loop
+from kimi_jax.sampling.phases import phase_slots
 from kimi_jax.sampling.sampler import (NO_EOS, SamplingConfig, bucket, pin_cache, prefill,
                                        sample_token)
 from kimi_jax.sampling.state import RolloutState
@@ -133,8 +133,8 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
       tokens_Gw, start_G = _left_pack(tokens_BL[rows_G], len_B[rows_G], w)
       cache = init_cache(cfg, G, w, start=start_G)
       logits_GV, cache = prefill(model, params, tokens_Gw, cache)
-      return (logits_GV, tuple(place(x, K_SLOT_AXIS, w) for x in cache.k),
-              tuple(place(x, V_SLOT_AXIS, w) for x in cache.v))
+      return (logits_GV, tuple(place(x, cache.k_slot_axis, w) for x in cache.k),
+              tuple(place(x, cache.v_slot_axis, w) for x in cache.v))
     return branch
 
   def scatter(full, group, dest_G, axis):
@@ -153,8 +153,8 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
     which = jnp.sum((widths_arr >= longest).astype(jnp.int32)) - 1
     logits_GV, k_G, v_G = jax.lax.switch(which, branches, rows_G)
     logits_BV = logits_BV.at[dest_G].set(logits_GV, mode="drop")
-    k = tuple(scatter(c, x, dest_G, K_SLOT_AXIS) for c, x in zip(k, k_G))
-    v = tuple(scatter(c, x, dest_G, V_SLOT_AXIS) for c, x in zip(v, v_G))
+    k = tuple(scatter(c, x, dest_G, cache.k_slot_axis) for c, x in zip(k, k_G))
+    v = tuple(scatter(c, x, dest_G, cache.v_slot_axis) for c, x in zip(v, v_G))
     return logits_BV, k, v
 
   start_B = width - jnp.clip(length_B, 1, width)  # as `_left_pack` would place the rows
@@ -251,58 +251,22 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
     logits_BV, cache = _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra,
                                       layout)
   history_BH = repetition.init_history(state.tokens_BL, state.length_B, state.prompt_len_B, repeat)
+  step, vocab_first = decode_loop.one_token_step(cfg, params, layout is not None)
+  out = decode_loop.decode_tokens(
+      step, vocab_first, functools.partial(sample_token, cfg=sampling), logits_BV, cache, rng,
+      eos_id, new_slots=N, bounds=bounds, limit_B=limit_B, room_B=room_B,
+      reason_B=state.finish_B, repeat=repeat, history_BH=history_BH,
+      place=functools.partial(pin_cache, layout=layout))
 
-  def emit(i, token_B, logp_B, done_B, reason_B, count_B, out_BN, logp_BN, history_BH):
-    """Record token i for rows not yet done; decide which rows stop now."""
-    live_B = ~done_B
-    token_B = jnp.where(live_B, token_B, 0)
-    out_BN = jax.lax.dynamic_update_slice(out_BN, token_B[:, None], (0, i))
-    logp_BN = jax.lax.dynamic_update_slice(logp_BN, jnp.where(live_B, logp_B, 0.0)[:, None], (0, i))
-    count_B = count_B + live_B.astype(jnp.int32)
-    history_BH = jnp.where(live_B[:, None], repetition.push(history_BH, token_B), history_BH)
-    # Priority when several hold at once: eos > repeat > max length > budget.
-    new_reason = jnp.full_like(reason_B, int(FinishReason.RUNNING))
-    new_reason = jnp.where(count_B >= limit_B, int(FinishReason.BUDGET), new_reason)
-    new_reason = jnp.where(count_B >= room_B, int(FinishReason.MAX_LENGTH), new_reason)
-    if repeat.enabled:
-      new_reason = jnp.where(repetition.is_repeating(history_BH, repeat),
-                             int(FinishReason.REPEAT), new_reason)
-    new_reason = jnp.where(token_B == eos_id, int(FinishReason.EOS), new_reason)
-    stops = live_B & (new_reason != int(FinishReason.RUNNING))
-    reason_B = jnp.where(stops, new_reason, reason_B)
-    return done_B | stops, reason_B, count_B, out_BN, logp_BN, history_BH
-
-  rng, sub = jax.random.split(rng)
-  token_B, logp_B = sample_token(logits_BV, sub, sampling)
-  done_B = ~run_B | (limit_B <= 0)
-  carry = emit(0, token_B, logp_B, done_B, state.finish_B, jnp.zeros((B,), jnp.int32),
-               jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32), history_BH)
-
-  def cond(c):
-    i, _, _, (done_B, *_), _ = c
-    return (i < N) & ~jnp.all(done_B)
-
-  def body(c):
-    i, cache, token_B, (done_B, reason_B, count_B, out_BN, logp_BN, history_BH), rng = c
-    logits_B1V, cache = model.apply({"params": params}, token_B[:, None], cache=cache)
-    rng, sub = jax.random.split(rng)
-    token_B, logp_B = sample_token(logits_B1V[:, 0, :], sub, sampling)
-    inner = emit(i, token_B, logp_B, done_B, reason_B, count_B, out_BN, logp_BN, history_BH)
-    return i + 1, cache, token_B, inner, rng
-
-  loop = (jnp.ones((), jnp.int32), cache, token_B, carry, rng)
-  loop = phased_while_loop(cond, body, loop, bounds, functools.partial(pin_cache, layout=layout))
-  steps, _, _, inner, _ = loop
-  _, reason_B, count_B, out_BN, logp_BN, _ = inner
-
+  count_B = out.count_B
   iter_BN = jnp.full((B, N), iteration, jnp.int32)
   new_state = state.replace(
-      tokens_BL=_write_back(jnp.asarray(state.tokens_BL), out_BN, state.length_B, count_B),
-      logp_BL=_write_back(jnp.asarray(state.logp_BL), logp_BN, state.length_B, count_B),
+      tokens_BL=_write_back(jnp.asarray(state.tokens_BL), out.tokens_BN, state.length_B, count_B),
+      logp_BL=_write_back(jnp.asarray(state.logp_BL), out.logp_BN, state.length_B, count_B),
       token_iter_BL=_write_back(jnp.asarray(state.token_iter_BL), iter_BN, state.length_B, count_B),
       length_B=state.length_B + count_B,
-      finish_B=jnp.where(run_B, reason_B, state.finish_B))
-  return new_state, steps
+      finish_B=jnp.where(run_B, out.reason_B, state.finish_B))
+  return new_state, out.steps
 
 
 # XLA's default (YNNPACK) matmuls, unlike `sampler.decode` (see decode_jit.py):
