@@ -42,144 +42,25 @@ The scheduler draws no random numbers: given the same prompt source outputs
 (e.g. a seeded `PromptSampler`) and the same segment results, it is
 deterministic. Between iterations (after `absorb`, before `next_state`) its
 whole state round-trips through `state_dict()` / `load_state_dict()` as
-JSON-able Python values.
+JSON-able Python values. Its settings are `scheduler_config.SchedulerConfig`;
+what it returns, `trajectory.Trajectory` / `Group` (both re-exported here).
 """
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import operator
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from kimi_jax.sampling.finish import FINAL, FinishReason
+from kimi_jax.sampling.scheduler_config import (  # noqa: F401  (re-exported)
+    OVERLONG, PromptSource, SchedulerConfig)
 from kimi_jax.sampling.state import RolloutState
+from kimi_jax.sampling.trajectory import Group, Trajectory  # noqa: F401  (re-exported)
 
-OVERLONG = ("reject", "truncate_left", "truncate_right")
 _FORMAT = "kimi_jax.RolloutScheduler/1"
 _INT32_MAX = np.iinfo(np.int32).max
-
-# (n_prompts, iteration) -> [(prompt_idx, token ids), ...] with at most n items.
-PromptSource = Callable[[int, int], Sequence[tuple[int, Sequence[int]]]]
-
-
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-  """Settings of `RolloutScheduler`.
-
-  num_slots: B, rows decoded together.
-  samples_per_prompt: k, samples of one prompt (one group); <= num_slots.
-  max_length: L, max total tokens of a row (prompt + response).
-  max_prompt_length: prompt budget, < max_length (room for a response).
-  segment_budget: new tokens per row per iteration in partial mode.
-  partial: True = partial rollouts; False = synchronous (run to the end).
-  max_age: M, how many times a trajectory may be carried over; a BUDGET row
-    already carried M times is finished as MAX_AGE. 0 = never carry.
-  overlong_prompt: 'reject' | 'truncate_left' (keep the last
-    max_prompt_length tokens) | 'truncate_right' (keep the first ones).
-  max_prompt_retries: extra prompt-source calls per iteration to replace
-    rejected prompts.
-  """
-  num_slots: int
-  samples_per_prompt: int
-  max_length: int
-  max_prompt_length: int
-  segment_budget: int = 256
-  partial: bool = True
-  max_age: int = 4
-  overlong_prompt: str = "reject"
-  max_prompt_retries: int = 4
-
-  def __post_init__(self):
-    for name, lo in (("num_slots", 1), ("samples_per_prompt", 1),
-                     ("max_length", 2), ("max_prompt_length", 1),
-                     ("segment_budget", 1), ("max_age", 0),
-                     ("max_prompt_retries", 0)):
-      v = getattr(self, name)
-      if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < lo:
-        raise ValueError(f"SchedulerConfig.{name} must be an int >= {lo}, "
-                         f"got {v!r}")
-    if self.samples_per_prompt > self.num_slots:
-      raise ValueError(f"SchedulerConfig.samples_per_prompt must be <= "
-                       f"num_slots ({self.num_slots}), got "
-                       f"{self.samples_per_prompt!r}")
-    if self.max_prompt_length >= self.max_length:
-      raise ValueError(f"SchedulerConfig.max_prompt_length must be < "
-                       f"max_length ({self.max_length}), got "
-                       f"{self.max_prompt_length!r}")
-    if not isinstance(self.partial, (bool, np.bool_)):
-      raise ValueError(f"SchedulerConfig.partial must be a bool, got "
-                       f"{self.partial!r}")
-    if self.overlong_prompt not in OVERLONG:
-      raise ValueError(f"SchedulerConfig.overlong_prompt must be one of "
-                       f"{OVERLONG}, got {self.overlong_prompt!r}")
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Trajectory:
-  """One sample: prompt + response so far.
-
-  tokens: int32 [prompt_len + response_len].
-  logp, token_iter: float32 / int32 [response_len], behaviour log-prob and
-    generating iteration of each response token.
-  finish: final reason, or BUDGET while it waits in the replay buffer.
-  age: times carried over (segments spanned - 1).
-  first_iteration / last_iteration: iterations of its first / latest segment.
-  """
-  prompt_idx: int
-  sample_idx: int
-  group_id: int
-  tokens: np.ndarray
-  prompt_len: int
-  logp: np.ndarray
-  token_iter: np.ndarray
-  finish: FinishReason
-  age: int
-  first_iteration: int
-  last_iteration: int
-
-  @property
-  def response(self) -> np.ndarray:
-    return self.tokens[self.prompt_len:]
-
-  @property
-  def response_len(self) -> int:
-    return len(self.tokens) - self.prompt_len
-
-  def to_json(self) -> dict:
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    for key in ("tokens", "logp", "token_iter"):
-      d[key] = d[key].tolist()
-    d["finish"] = int(self.finish)
-    return d
-
-  @classmethod
-  def from_json(cls, d: Mapping[str, Any]) -> "Trajectory":
-    t = cls(prompt_idx=int(d["prompt_idx"]), sample_idx=int(d["sample_idx"]),
-            group_id=int(d["group_id"]),
-            tokens=np.asarray(d["tokens"], np.int32).reshape(-1),
-            prompt_len=int(d["prompt_len"]),
-            logp=np.asarray(d["logp"], np.float32).reshape(-1),
-            token_iter=np.asarray(d["token_iter"], np.int32).reshape(-1),
-            finish=FinishReason(int(d["finish"])), age=int(d["age"]),
-            first_iteration=int(d["first_iteration"]),
-            last_iteration=int(d["last_iteration"]))
-    if not (0 < t.prompt_len <= len(t.tokens)
-            and len(t.logp) == len(t.token_iter) == t.response_len):
-      raise ValueError(f"inconsistent trajectory record (group {t.group_id}, "
-                       f"sample {t.sample_idx}): {len(t.tokens)} tokens, "
-                       f"prompt_len {t.prompt_len}, {len(t.logp)} logp, "
-                       f"{len(t.token_iter)} token_iter")
-    return t
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Group:
-  """The k final samples of one prompt, sorted by sample_idx."""
-  prompt_idx: int
-  group_id: int
-  trajectories: list[Trajectory]
 
 
 @dataclasses.dataclass
