@@ -93,7 +93,8 @@ def test_next_token_logprobs_reports_argmax_hits_per_chunk():
   np.testing.assert_array_equal(np.asarray(hit), np.asarray(targets == jnp.argmax(full, -1)))
 
 
-@pytest.mark.parametrize("remat,scan", [("full", False), ("full", True), ("dots", True)])
+@pytest.mark.parametrize("remat,scan", [("full", False), ("full", True), ("dots", True),
+                                        ("offload", True)])
 def test_remat_and_scan_change_no_value_or_gradient(remat, scan):
   from kimi_jax.models import layer_stack  # pylint: disable=import-outside-toplevel
   params = init_params(CFG, jax.random.PRNGKey(4))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 FAMILIES = ("llama", "qwen2")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "offload")
 # How the model runs, not what it computes: set per run, never taken from a
 # checkpoint's or HF config (README "Long context").
 LONG_CONTEXT_FIELDS = ("attention", "remat", "scan_layers", "logits_chunk", "prefill_chunk")
@@ -52,7 +52,7 @@ class ModelConfig:
   pad_id: Optional[int] = None
   # Long-context settings (README "Long context"); none changes the values.
   attention: str = "auto"  # see kimi_jax/models/attention_kernels.py
-  remat: str = "none"  # "none" | "full" (blocks keep only their input) | "dots"
+  remat: str = "none"  # "none" | "full" (blocks keep only their input) | "dots" | "offload"
   scan_layers: bool = False  # params stacked [L, ...] under "layers", nn.scan
   logits_chunk: int = 0  # LM head + log-softmax in chunks of this many tokens; 0 = all
   prefill_chunk: int = 0  # prompt prefill into the KV cache in chunks; 0 = one shot

@@ -201,6 +201,12 @@ def remat_policy(name: str):
     # Matmul outputs without batch dims: the projections and MLP products
     # are kept, the elementwise ops and attention recomputed.
     return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+  if name == "offload":
+    # The same saved values as "dots", held in host memory between the
+    # forward and the backward pass (device -> pinned host and back): HBM
+    # for activations traded for host transfers, where the backend has host
+    # memory spaces (TPU, GPU; the CPU's are one memory, so no saving there).
+    return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
   raise ValueError(f"no remat policy for {name!r}")
 
 
