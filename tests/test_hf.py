@@ -101,6 +101,17 @@ def test_logits_match_reference(loaded, loaded_scan, name, scan):
   assert diff <= ATOL, f"{name}: max abs logit diff {diff}"
 
 
+# Every attention implementation that runs on CPU (splash in Pallas
+# interpret mode); "auto" above is "xla" at these lengths.
+@pytest.mark.parametrize("attention", ["blockwise", "splash"])
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_match_reference_with_every_cpu_attention(loaded, name, attention):
+  cfg, params = loaded[name]
+  got = _logits(cfg.replace(attention=attention), params, REF[f"{name}_tokens"])
+  diff = np.abs(got - REF[f"{name}_logits"]).max()
+  assert diff <= ATOL, f"{name} / {attention}: max abs logit diff {diff}"
+
+
 @SCAN
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_generation_matches_reference(loaded, loaded_scan, name, scan):
