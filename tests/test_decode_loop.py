@@ -15,11 +15,10 @@ from jax.sharding import PartitionSpec as P
 from kimi_jax import backend, parallel
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache, init_params
 from kimi_jax.sampling import decode_loop, generate
-from kimi_jax.sampling.finish import FinishReason
 from kimi_jax.sampling.repetition import RepeatConfig
 from kimi_jax.sampling.sampler import SamplingConfig
 from kimi_jax.sampling.segment import SegmentSampler
-from kimi_jax.sampling.state import RolloutState
+from rollout_states import make_state, resume
 
 # GQA (4 query heads over 2 kv heads), Qwen2-style biases and a tied head.
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -43,16 +42,6 @@ def accelerator_forms():
       yield
   finally:
     jax.clear_caches()
-
-
-def rollout_state(prompts, max_length=48):
-  st = RolloutState.empty(len(prompts), max_length)
-  tokens, length = st.tokens_BL.copy(), st.length_B.copy()
-  for b, p in enumerate(prompts):
-    tokens[b, :len(p)] = p
-    length[b] = len(p)
-  return st.replace(tokens_BL=tokens, length_B=length, prompt_len_B=length.copy(),
-                    active_B=np.ones(len(prompts), bool))
 
 
 def test_accelerator_forms_switch_only_the_forms():
@@ -119,12 +108,10 @@ def test_rollout_segments_equal_in_both_forms(params):
                           budget_slots=8, min_width=4, prefill_rows=2)
 
   def run():
-    state = rollout_state(PROMPTS)
+    state = make_state(PROMPTS, max_length=48)
     for it in range(3):
       state, _ = engine(params, state, 6, it, jax.random.PRNGKey(it))
-      state = state.replace(finish_B=np.where(state.finish_B == int(FinishReason.BUDGET),
-                                              int(FinishReason.RUNNING), state.finish_B)
-                            .astype(np.int32))
+      state = resume(state)
     return state
 
   want = run()
@@ -157,7 +144,7 @@ def test_generate_and_rollouts_run_the_one_decode_loop(params, monkeypatch):
   try:
     generate(CFG, params, PROMPTS[:2], max_new_tokens=4)
     engine = SegmentSampler(CFG, SamplingConfig(), RepeatConfig(), eos_id=None, budget_slots=4)
-    engine(params, rollout_state(PROMPTS[:2]), 4, 0, jax.random.PRNGKey(0))
+    engine(params, make_state(PROMPTS[:2], max_length=48), 4, 0, jax.random.PRNGKey(0))
   finally:
     jax.clear_caches()
   assert calls == [False, True]

@@ -11,28 +11,11 @@ from kimi_jax.sampling.repetition import RepeatConfig
 from kimi_jax.sampling.sampler import SamplingConfig, generate
 from kimi_jax.sampling.phases import phase_slots
 from kimi_jax.sampling.segment import SegmentSampler, chunk_widths
-from kimi_jax.sampling.state import RolloutState
+from rollout_states import BUDGET, RUNNING, make_state, resume
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, max_position_embeddings=128)
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
-RUNNING, BUDGET = int(FinishReason.RUNNING), int(FinishReason.BUDGET)
-
-
-def make_state(prompts, max_length=64):
-  st = RolloutState.empty(len(prompts), max_length)
-  tokens, length = st.tokens_BL.copy(), st.length_B.copy()
-  for b, p in enumerate(prompts):
-    tokens[b, :len(p)] = p
-    length[b] = len(p)
-  return st.replace(tokens_BL=tokens, length_B=length, prompt_len_B=length.copy(),
-                    active_B=np.ones(len(prompts), bool))
-
-
-def resume(state):
-  """What the scheduler does to a carried row: mark it running again."""
-  return state.replace(finish_B=np.where(state.finish_B == BUDGET, RUNNING, state.finish_B)
-                       .astype(np.int32))
 
 
 def in_segments(engine, params, state, *, budget, segments):

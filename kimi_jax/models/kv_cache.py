@@ -25,8 +25,6 @@ slices a stacked buffer per step.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -64,10 +62,10 @@ class KVCache:
   @classmethod
   def init(cls, num_layers: int, batch: int, num_kv_heads: int, length: int,
            head_dim: int, dtype=jnp.float32, start: jax.Array | None = None,
-           cpu_layout: Optional[bool] = None) -> "KVCache":
-    """An empty cache of `length` slots; `start` defaults to 0 for every row,
-    `cpu_layout` to `backend.is_cpu()`."""
-    cpu_layout = backend.is_cpu() if cpu_layout is None else bool(cpu_layout)
+           ) -> "KVCache":
+    """An empty cache of `length` slots in the backend's layout; `start`
+    defaults to 0 for every row."""
+    cpu_layout = backend.is_cpu()
     k_shape, v_shape = cls.shapes(batch, num_kv_heads, length, head_dim, cpu_layout)
     if start is None:
       start = jnp.zeros((batch,), jnp.int32)
@@ -126,10 +124,6 @@ class KVCache:
       return jnp.pad(x, pad)
     return self.replace(k=tuple(fit(x, self.k_slot_axis) for x in self.k),
                         v=tuple(fit(x, self.v_slot_axis) for x in self.v))
-
-  def write(self, layer_k, layer_v, k_BTKE: jax.Array, v_BTKE: jax.Array):
-    """`write_layer` at this cache's index and in its layout."""
-    return write_layer(self.cpu_layout, layer_k, layer_v, k_BTKE, v_BTKE, self.index)
 
 
 def write_layer(cpu_layout: bool, layer_k, layer_v, k_BTKE: jax.Array, v_BTKE: jax.Array,

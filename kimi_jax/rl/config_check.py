@@ -36,10 +36,6 @@ def check_keys(path: str, given, known) -> None:
     raise ConfigError(f"{where}: unknown key{hint}")
 
 
-def type_name(tp) -> str:
-  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def expected(value, tp) -> Optional[str]:
   """None when `value` fits annotation `tp`, else what was expected. Types
   this does not know (a library's own classes) are left to the dataclass."""
