@@ -4,10 +4,8 @@ Reference files come from tests/data/make_llava_reference.py (torch +
 transformers); the `live_` tests rebuild models with transformers and are
 skipped when it is not installed.
 
-Until the Transformer takes pixel_values (phase 2 of issue 19), image + text
-logits are computed by appending the projected features to the embedding
-table as extra "tokens" and pointing each placeholder at its feature row:
-the same embeddings the merge makes, through the unchanged language model.
+Image + text logits come from `Transformer(cfg).apply(..., pixel_values=...)`,
+the multimodal model itself.
 Tolerance: 1e-4 on logits as tests/test_hf.py (fp32 both sides, O(10)
 logits); 1e-4 on features (O(10), observed 3e-6).
 """
@@ -45,34 +43,26 @@ def _lm(params):
 
 
 def _features(cfg, params, pixels_NYXC):
-  return np.asarray(jax.jit(V.VisionEncoder(cfg.vision, cfg.text.hidden_size).apply)(
-      {"params": params["vision"]}, pixels_NYXC))
-
-
-def _logits_with_images(cfg, params, tokens_BT, feats_NPD, prompt_len=None):
-  """LM logits `[B, T, V]` of tokens whose placeholders take `feats_NPD` in
-  order: the features become extra embedding rows V.. (see module docstring).
-  Only the first `prompt_len` positions hold placeholders (a generated token
-  may be the image id: HF embeds it as an ordinary token)."""
-  V_, D = cfg.text.vocab_size, cfg.text.hidden_size
-  flat = feats_NPD.reshape(-1, D)
-  tokens = np.array(tokens_BT)
-  is_image = tokens == cfg.image_token_id
-  if prompt_len is not None:
-    is_image[:, prompt_len:] = False
-  assert is_image.sum() == len(flat)
-  tokens[is_image] = V_ + np.arange(len(flat))
-  p = dict(_lm(params))
-  p["embed"] = jnp.concatenate([p["embed"], jnp.asarray(flat)], 0)
-  if "lm_head" in p:
-    p["lm_head"] = jnp.concatenate([p["lm_head"], jnp.zeros((D, len(flat)))], 1)
-  return np.asarray(_apply(cfg.text.replace(vocab_size=V_ + len(flat)))(
-      {"params": p}, tokens))[..., :V_]
+  return np.asarray(jax.jit(functools.partial(
+      Transformer(cfg).apply, method=Transformer.encode_images))({"params": params},
+                                                                 pixels_NYXC))
 
 
 @functools.lru_cache(maxsize=None)
-def _apply(text_cfg):
-  return jax.jit(Transformer(text_cfg).apply)
+def _mm_apply(cfg):
+  return jax.jit(lambda p, tokens, pixels, prompt: Transformer(cfg).apply(
+      {"params": p}, tokens, pixel_values=pixels, image_prompt_BT=prompt))
+
+
+def _logits_with_images(cfg, params, tokens_BT, pixels_NYXC, prompt_len=None):
+  """Logits `[B, T, V]` of the multimodal model; only the first `prompt_len`
+  positions hold placeholders (a generated token may be the image id: HF
+  embeds it as an ordinary token)."""
+  tokens_BT = np.asarray(tokens_BT)
+  prompt = np.ones(tokens_BT.shape, bool)
+  if prompt_len is not None:
+    prompt[:, prompt_len:] = False
+  return np.asarray(_mm_apply(cfg)(params, tokens_BT, pixels_NYXC, prompt))
 
 
 def _pixels(name, which):
@@ -84,14 +74,14 @@ def _pixels(name, which):
 
 def test_reference_configs(loaded):
   llama, params = loaded[LLAMA]
-  assert (llama.text.family, llama.text.tie_embeddings, llama.image_token_id) == ("llama", False,
+  assert (llama.language_model.family, llama.language_model.tie_embeddings, llama.image_token_id) == ("llama", False,
                                                                                   127)
   v = llama.vision
   assert (v.feature_layer, v.feature_select, v.tokens_per_image, v.num_patches) == (
       -2, "default", 15, 16)
   assert (v.hidden_act, v.projector_act, v.layer_norm_eps) == ("gelu_pytorch_tanh", "gelu", 1e-6)
   qwen2, params = loaded[QWEN2]
-  assert qwen2.text.family == "qwen2" and qwen2.text.tie_embeddings and "lm_head" not in params
+  assert qwen2.language_model.family == "qwen2" and qwen2.language_model.tie_embeddings and "lm_head" not in params
   assert (qwen2.vision.feature_select, qwen2.vision.tokens_per_image) == ("full", 16)
   assert params["vision"]["tower"]["layers_1"]["attn"]["q"]["kernel"].shape == (32, 4, 8)
   cfg, params = hf_llava.load_pretrained(DATA / LLAMA)  # stored as bf16
@@ -119,7 +109,7 @@ def test_our_preprocessing_gives_the_same_features(loaded, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_text_logits_match_reference(loaded, name):
   cfg, params = loaded[name]
-  got = np.asarray(Transformer(cfg.text).apply({"params": _lm(params)},
+  got = np.asarray(Transformer(cfg.language_model).apply({"params": _lm(params)},
                                                REF[f"{name}_text_tokens"]))
   diff = np.abs(got - REF[f"{name}_text_logits"]).max()
   assert diff <= ATOL, f"{name}: max abs logit diff {diff}"
@@ -138,7 +128,8 @@ def test_image_text_logits_match_reference(loaded, name):
   is_image = tokens == cfg.image_token_id
   np.testing.assert_array_equal(merged[is_image], feats.reshape(-1, feats.shape[-1]))
   np.testing.assert_array_equal(merged[~is_image], np.asarray(embeds)[~is_image])
-  diff = np.abs(_logits_with_images(cfg, params, tokens, feats) - REF[f"{name}_logits"]).max()
+  diff = np.abs(_logits_with_images(cfg, params, tokens, _pixels(name, slice(0, 3)))
+                - REF[f"{name}_logits"]).max()
   assert diff <= ATOL, f"{name}: max abs logit diff {diff}"
 
 
@@ -148,12 +139,12 @@ def test_greedy_generation_with_images_matches_reference(loaded, name):
   assert REF[f"{name}_min_margin"] > 10 * ATOL
   for i, n in enumerate(REF[f"{name}_prompt_lens"]):
     which = REF[f"{name}_prompt_images"][i]
-    feats = _features(cfg, params, _pixels(name, which[which >= 0]))
+    pixels = _pixels(name, which[which >= 0])
     new = REF[f"{name}_generations"].shape[1]
     seq = np.zeros((1, n + new), np.int32)  # fixed shape: one compile; causal, so the
     seq[0, :n] = REF[f"{name}_prompts"][i, :n]  # zeros after the cursor change nothing
     for t in range(n, n + new):  # a full forward per token: the model is tiny
-      logits = _logits_with_images(cfg, params, seq, feats, prompt_len=n)
+      logits = _logits_with_images(cfg, params, seq, pixels, prompt_len=n)
       seq[0, t] = int(np.argmax(logits[0, t - 1]))
     assert seq[0, n:].tolist() == REF[f"{name}_generations"][i].tolist(), f"{name} prompt {i}"
 
@@ -180,7 +171,7 @@ def _tensors(path):
 @pytest.mark.parametrize("name", MODELS)
 def test_save_load_round_trip_is_bit_exact(tmp_path, name, sharded, scan):
   cfg, params = hf_llava.load_pretrained(DATA / name, scan_layers=scan)
-  assert cfg.text.scan_layers == scan and ("layers" in params) == scan  # the LM's blocks
+  assert cfg.language_model.scan_layers == scan and ("layers" in params) == scan  # the LM's blocks
   assert "layers_0" in params["vision"]["tower"]  # the tower stays unrolled
   proc = images.load_processor(DATA / name)
   hf_llava.save_pretrained(cfg, params, tmp_path / "out", processor=proc,
@@ -299,8 +290,7 @@ def test_lm_tensor_errors_come_from_hf_py(tmp_path):
 
 def test_save_rejects_what_llava_cannot_express(tmp_path, loaded):
   cfg, params = loaded[QWEN2]
-  normed = hf_llava.LlavaConfig(cfg.text, cfg.vision.replace(post_norm_features=True),
-                                cfg.image_token_id)
+  normed = cfg.replace(vision=cfg.vision.replace(post_norm_features=True))
   with pytest.raises(ValueError, match="post_norm_features=True has no LLaVA equivalent"):
     hf_llava.save_pretrained(normed, params, tmp_path / "a")
   bad = dict(params, vision={**params["vision"], "projector": {}})
@@ -335,8 +325,8 @@ def test_live_fresh_hf_model_parity(tmp_path, name):
   with torch.no_grad():
     want = model(torch.from_numpy(tokens).long(),
                  pixel_values=torch.from_numpy(pixels)).logits.numpy()
-  feats = _features(cfg, params, pixels.transpose(0, 2, 3, 1))
-  diff = np.abs(_logits_with_images(cfg, params, tokens, feats) - want).max()
+  diff = np.abs(_logits_with_images(cfg, params, tokens, pixels.transpose(0, 2, 3, 1))
+                - want).max()
   assert diff <= ATOL, f"{name}: max abs logit diff {diff}"
 
 
@@ -359,3 +349,15 @@ def test_live_saved_model_loads_in_transformers(tmp_path, loaded, name, shard_si
   np.testing.assert_array_equal(hf_pixels.transpose(0, 2, 3, 1),
                                 images.preprocess_batch([str(f) for f in files],
                                                         images.load_processor(tmp_path / name)))
+
+
+def test_hf_entry_points_dispatch_to_llava(tmp_path, loaded):
+  """`hf.load_pretrained` / `save_pretrained` / `model_config_from_hf` take
+  LLaVA directories too (what the trainer, init_from and convert call)."""
+  cfg, params = hf.load_pretrained(DATA / QWEN2, param_dtype="float32")
+  assert cfg == loaded[QWEN2][0] and cfg.vision is not None
+  hf.save_pretrained(cfg, params, tmp_path / "out")
+  again, _ = hf_llava.load_pretrained(tmp_path / "out", param_dtype="float32")
+  assert again == cfg
+  hf_config = json.loads((DATA / QWEN2 / "config.json").read_text())
+  assert hf.model_config_from_hf(hf_config, param_dtype="float32") == cfg

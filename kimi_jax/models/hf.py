@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +161,19 @@ class _TensorFiles:
       raise HFCheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from e
 
 
+# model_type values of image + text directories (models/hf_llava.py reads them).
+LLAVA_MODEL_TYPES = ("llava", "llava_onevision")
+
+
+def model_config_from_hf(hf_config: Mapping[str, Any], **kwargs) -> ModelConfig:
+  """`config_from_hf` for a text-only directory, `hf_llava.config_from_hf`
+  (a ModelConfig with `vision`) for a LLaVA one; same keyword arguments."""
+  if hf_config.get("model_type") in LLAVA_MODEL_TYPES:
+    from kimi_jax.models import hf_llava  # pylint: disable=g-import-not-at-top
+    return hf_llava.config_from_hf(hf_config, **kwargs)
+  return config_from_hf(hf_config, **kwargs)
+
+
 def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
                     param_dtype: Optional[str] = None, *, scan_layers: bool = False
                     ) -> tuple[ModelConfig, Params]:
@@ -193,6 +206,9 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
     raise HFCheckpointError(f"{config_file}: not valid JSON ({e})") from e
   if not isinstance(hf_config, dict):
     raise HFCheckpointError(f"{config_file}: expected a JSON object")
+  if hf_config.get("model_type") in LLAVA_MODEL_TYPES:
+    from kimi_jax.models import hf_llava  # pylint: disable=g-import-not-at-top
+    return hf_llava.load_pretrained(path, dtype, param_dtype, scan_layers=scan_layers)
   config_from_hf(hf_config, source=config_file)  # config errors before weight errors
   files = _TensorFiles(path)
   embed_name = "model.embed_tokens.weight"
@@ -303,6 +319,10 @@ def save_pretrained(cfg: ModelConfig, params: Params, path: Union[str, os.PathLi
   into place at the end, so a crash never leaves a half-written model at
   `path`. Call from one process only (params must be fully addressable).
   """
+  if cfg.vision is not None:
+    from kimi_jax.models import hf_llava  # pylint: disable=g-import-not-at-top
+    return hf_llava.save_pretrained(cfg, params, path, max_shard_size=max_shard_size,
+                                    dtype=dtype, overwrite=overwrite)
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not os.path.isdir(path):
     raise FileExistsError(f"{path} exists and is not a directory")

@@ -1,4 +1,4 @@
-"""HF `LlavaForConditionalGeneration` directories <-> LlavaConfig + params.
+"""HF `LlavaForConditionalGeneration` directories <-> ModelConfig + params.
 
   cfg, params = hf_llava.load_pretrained("llava-onevision-qwen2-0.5b-ov-hf")
   proc = images.load_processor("llava-onevision-qwen2-0.5b-ov-hf")
@@ -10,8 +10,11 @@ config and tensors go through `models/hf.py` unchanged. Images at the
 tower's resolution only (no anyres tiles): the layout of
 llava-onevision-qwen2-0.5b's LM + tower.
 
+The config is a `ModelConfig` with `vision` (the tower + projector) and
+`image_token_id` set; `cfg.language_model` is the Llama / Qwen2 decoder.
 params = the language model's params (as `hf.load_pretrained` gives them)
-plus params["vision"] = {"tower": ..., "projector": ...} (`models/vision.py`).
+plus params["vision"] = {"tower": ..., "projector": ...} (`models/vision.py`),
+the layout `Transformer(cfg)` takes.
 
 Tensor names. Read in every layout transformers has written (the
 `language_model.model.*` / `vision_tower.vision_model.*` one of the Hub
@@ -76,31 +79,16 @@ _ALIASES = (
     ("model.language_model.", _LM), (_LM, _LM),
     ("lm_head.weight", _LM_HEAD), (_LM_HEAD, _LM_HEAD))
 _POOLING_HEAD = re.compile(re.escape(_TOWER) + r"head\.")
-MODEL_TYPES = ("llava", "llava_onevision")
+MODEL_TYPES = hf.LLAVA_MODEL_TYPES
 _ONEVISION_ONLY = ("image_newline", "model.image_newline")
-
-
-@dataclasses.dataclass(frozen=True)
-class LlavaConfig:
-  """A LLaVA model: its language model, its image encoder, the placeholder id.
-
-  (Phase 2 folds this into ModelConfig as `vision` + `image_token_id`.)"""
-  text: ModelConfig
-  vision: VisionConfig
-  image_token_id: int
-
-  def __post_init__(self):
-    if not 0 <= self.image_token_id < self.text.vocab_size:
-      raise ValueError(f"LlavaConfig.image_token_id {self.image_token_id} is not a token id "
-                       f"of the vocabulary ({self.text.vocab_size})")
 
 
 # --------------------------------------------------------------------- config
 
 
 def config_from_hf(hf_config: Mapping[str, Any], *, param_dtype: str = "float32",
-                   dtype: Optional[str] = None, source: str = hf.CONFIG_NAME) -> LlavaConfig:
-  """LlavaConfig from a parsed LLaVA config.json (`source` names it in errors)."""
+                   dtype: Optional[str] = None, source: str = hf.CONFIG_NAME) -> ModelConfig:
+  """The multimodal ModelConfig of a parsed LLaVA config.json (`source` names it in errors)."""
   def fail(msg):
     raise HFCheckpointError(f"{source}: {msg}")
 
@@ -145,7 +133,7 @@ def config_from_hf(hf_config: Mapping[str, Any], *, param_dtype: str = "float32"
         feature_select=hf_config.get("vision_feature_select_strategy", "default"),
         projector_act=act, projector_bias=bool(hf_config.get("multimodal_projector_bias", True)),
         param_dtype=text_cfg.param_dtype, dtype=text_cfg.dtype)
-    cfg = LlavaConfig(text_cfg, vision_cfg, token)
+    cfg = text_cfg.replace(vision=vision_cfg, image_token_id=token)
   except (ValueError, TypeError) as e:
     fail(f"invalid LLaVA config: {e}")
   seq = hf_config.get("image_seq_length")
@@ -156,14 +144,14 @@ def config_from_hf(hf_config: Mapping[str, Any], *, param_dtype: str = "float32"
   return cfg
 
 
-def config_to_hf(cfg: LlavaConfig, dtype: Optional[str] = None) -> dict[str, Any]:
+def config_to_hf(cfg: ModelConfig, dtype: Optional[str] = None) -> dict[str, Any]:
   """The config.json dict transformers needs for `cfg` (weights stored in `dtype`)."""
   v = cfg.vision
   if v.post_norm_features:
     raise ValueError("VisionConfig.post_norm_features=True has no LLaVA equivalent (HF LLaVA "
                      "reads the features before the post-LayerNorm); it cannot be exported")
-  dtype = dtype or cfg.text.param_dtype
-  text = hf.config_to_hf(cfg.text, dtype)
+  dtype = dtype or cfg.language_model.param_dtype
+  text = hf.config_to_hf(cfg.language_model, dtype)
   text.pop("architectures")
   return {
       "architectures": [ARCHITECTURE], "model_type": "llava", "text_config": text,
@@ -178,7 +166,7 @@ def config_to_hf(cfg: LlavaConfig, dtype: Optional[str] = None) -> dict[str, Any
       "projector_hidden_act": v.projector_act, "vision_feature_layer": v.feature_layer,
       "vision_feature_select_strategy": v.feature_select,
       "multimodal_projector_bias": v.projector_bias,
-      "tie_word_embeddings": cfg.text.tie_embeddings,
+      "tie_word_embeddings": cfg.language_model.tie_embeddings,
       "torch_dtype": dtype, "dtype": dtype,
   }
 
@@ -186,9 +174,9 @@ def config_to_hf(cfg: LlavaConfig, dtype: Optional[str] = None) -> dict[str, Any
 # -------------------------------------------------------------------- tensors
 
 
-def _vision_layout(cfg: LlavaConfig) -> Iterator[tuple[str, tuple, tuple[int, ...]]]:
+def _vision_layout(cfg: ModelConfig) -> Iterator[tuple[str, tuple, tuple[int, ...]]]:
   """(Hub-layout name, our path under params["vision"], HF shape) per tensor."""
-  v, D = cfg.vision, cfg.text.hidden_size
+  v, D = cfg.vision, cfg.language_model.hidden_size
   W, F, C, s = v.hidden_size, v.intermediate_size, v.num_channels, v.patch_size
   t = ("tower",)
   yield f"{_TOWER}embeddings.patch_embedding.weight", t + ("patch_embed", "kernel"), (W, C, s, s)
@@ -214,7 +202,7 @@ def _vision_layout(cfg: LlavaConfig) -> Iterator[tuple[str, tuple, tuple[int, ..
       yield f"{_PROJECTOR}linear_{n}.bias", ("projector", f"linear_{n}", "bias"), (D,)
 
 
-def _from_hf(cfg: LlavaConfig, route: tuple, x: np.ndarray) -> np.ndarray:
+def _from_hf(cfg: ModelConfig, route: tuple, x: np.ndarray) -> np.ndarray:
   """One HF vision / projector tensor in our layout (module docstring table)."""
   H, E = cfg.vision.num_heads, cfg.vision.head_dim
   if route[-2] == "patch_embed" and route[-1] == "kernel":
@@ -228,7 +216,7 @@ def _from_hf(cfg: LlavaConfig, route: tuple, x: np.ndarray) -> np.ndarray:
   return x
 
 
-def _to_hf(cfg: LlavaConfig, route: tuple, x: np.ndarray) -> np.ndarray:
+def _to_hf(cfg: ModelConfig, route: tuple, x: np.ndarray) -> np.ndarray:
   if route[-2] == "patch_embed" and route[-1] == "kernel":
     return x.transpose(3, 2, 0, 1)
   if route[-3:-1] in (("attn", "q"), ("attn", "k"), ("attn", "v")):
@@ -267,8 +255,8 @@ class _Renamed:
 
 def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
                     param_dtype: Optional[str] = None, *, scan_layers: bool = False
-                    ) -> tuple[LlavaConfig, Params]:
-  """Reads a HF LLaVA directory into `(LlavaConfig, params)` (module docstring).
+                    ) -> tuple[ModelConfig, Params]:
+  """Reads a HF LLaVA directory into `(ModelConfig, params)` (module docstring).
 
   dtype / param_dtype / scan_layers (the LM's blocks stacked) as in
   `hf.load_pretrained` (default: the stored dtype of the token embedding,
@@ -317,7 +305,7 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
       raise HFCheckpointError(f"missing tensor {embed!r} in {path}")
     param_dtype = files.dtype(hub[embed])
   cfg = config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype, source=config_file)
-  cfg = dataclasses.replace(cfg, text=cfg.text.replace(scan_layers=scan_layers))
+  cfg = cfg.replace(scan_layers=scan_layers)
 
   vision_names = {name for name, _, _ in _vision_layout(cfg)}
   lm = {}
@@ -335,7 +323,7 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
   if missing:
     raise HFCheckpointError(f"missing tensors in {path}: {', '.join(missing)}")
   params = hf._params_from_files(  # pylint: disable=protected-access
-      cfg.text, _Renamed(files, lm), f"{path} (language model)")
+      cfg.language_model, _Renamed(files, lm), f"{path} (language model)")
   pd = jnp.dtype(cfg.vision.param_dtype)
   vision: Params = {}
   for name, route, shape in _vision_layout(cfg):
@@ -354,7 +342,7 @@ def load_pretrained(path: Union[str, os.PathLike], dtype: Optional[str] = None,
 # ----------------------------------------------------------------------- save
 
 
-def params_to_hf(cfg: LlavaConfig, params: Params, dtype: Optional[str] = None
+def params_to_hf(cfg: ModelConfig, params: Params, dtype: Optional[str] = None
                  ) -> dict[str, np.ndarray]:
   """Hub-layout numpy tensors (in `dtype`, default the LM's param dtype),
   checked against the shapes `cfg` implies."""
@@ -362,10 +350,10 @@ def params_to_hf(cfg: LlavaConfig, params: Params, dtype: Optional[str] = None
     raise ValueError("params have no 'vision' subtree (the image encoder)")
   lm_params = {k: v for k, v in params.items() if k != "vision"}
   tensors = {}
-  for name, x in hf.params_to_hf(cfg.text, lm_params, dtype).items():
+  for name, x in hf.params_to_hf(cfg.language_model, lm_params, dtype).items():
     tensors[_LM_HEAD if name == "lm_head.weight" else _LM + name[len("model."):]] = x
   expected = jax.eval_shape(lambda: vision_lib.init_params(
-      cfg.vision, cfg.text.hidden_size, jax.random.PRNGKey(0)))
+      cfg.vision, cfg.language_model.hidden_size, jax.random.PRNGKey(0)))
   want = {jax.tree_util.keystr(p): x.shape
           for p, x in jax.tree_util.tree_leaves_with_path(expected)}
   got = {jax.tree_util.keystr(p): np.shape(x)
@@ -378,7 +366,7 @@ def params_to_hf(cfg: LlavaConfig, params: Params, dtype: Optional[str] = None
     if got[key] != shape:
       raise ValueError(f"params['vision']{key}: expected shape {shape} from the config, "
                        f"found {got[key]}")
-  out_dtype = jnp.dtype(dtype or cfg.text.param_dtype)
+  out_dtype = jnp.dtype(dtype or cfg.language_model.param_dtype)
   for name, route, _ in _vision_layout(cfg):
     x = params["vision"]
     for key in route:
@@ -388,7 +376,7 @@ def params_to_hf(cfg: LlavaConfig, params: Params, dtype: Optional[str] = None
   return tensors
 
 
-def save_pretrained(cfg: LlavaConfig, params: Params, path: Union[str, os.PathLike], *,
+def save_pretrained(cfg: ModelConfig, params: Params, path: Union[str, os.PathLike], *,
                     processor: Optional[images_lib.ProcessorConfig] = None,
                     max_shard_size: Union[int, str] = "5GB", dtype: Optional[str] = None,
                     overwrite: bool = False) -> None:

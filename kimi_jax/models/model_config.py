@@ -1,11 +1,15 @@
 """`ModelConfig`: the architecture, numerics and long-context settings of one
-decoder (hashable: a jit static), and Llama 3 `RopeScaling`."""
+decoder (hashable: a jit static), and Llama 3 `RopeScaling`. A multimodal
+model also has an image encoder (`vision`, models/vision.py) and the id of
+its image placeholder token."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
 import jax.numpy as jnp
+
+from kimi_jax.models.vision import VisionConfig
 
 FAMILIES = ("llama", "qwen2")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
@@ -56,6 +60,10 @@ class ModelConfig:
   scan_layers: bool = False  # params stacked [L, ...] under "layers", nn.scan
   logits_chunk: int = 0  # LM head + log-softmax in chunks of this many tokens; 0 = all
   prefill_chunk: int = 0  # prompt prefill into the KV cache in chunks; 0 = one shot
+  # Image + text (README "Images"): the encoder whose projected features
+  # replace the embeddings of `image_token_id` placeholders; None = text only.
+  vision: Optional[VisionConfig] = None
+  image_token_id: Optional[int] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -90,6 +98,22 @@ class ModelConfig:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f"ModelConfig.{name}: unknown dtype {getattr(self, name)!r}") from e
+    if self.vision is not None and not isinstance(self.vision, VisionConfig):
+      raise ValueError(f"ModelConfig.vision must be a VisionConfig or None, got "
+                       f"{type(self.vision).__name__}")
+    if (self.vision is None) != (self.image_token_id is None):
+      raise ValueError("ModelConfig.vision and ModelConfig.image_token_id go together: set both "
+                       f"(image + text) or neither (text only), got vision="
+                       f"{'set' if self.vision else None}, image_token_id={self.image_token_id!r}")
+    if self.image_token_id is not None and not (
+        isinstance(self.image_token_id, int) and 0 <= self.image_token_id < self.vocab_size):
+      raise ValueError(f"ModelConfig.image_token_id {self.image_token_id!r} is not a token id of "
+                       f"the vocabulary ({self.vocab_size})")
+
+  @property
+  def language_model(self) -> "ModelConfig":
+    """This config without its image encoder (the text decoder alone)."""
+    return self.replace(vision=None, image_token_id=None)
 
   @property
   def head_size(self) -> int:
@@ -107,7 +131,8 @@ class ModelConfig:
       attn += e * (self.num_heads + 2 * self.num_kv_heads)
     layer = attn + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else d * self.vocab_size
-    return self.vocab_size * d + self.num_layers * layer + d + head
+    vision = 0 if self.vision is None else self.vision.num_params(d)
+    return self.vocab_size * d + self.num_layers * layer + d + head + vision
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

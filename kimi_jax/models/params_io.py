@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from kimi_jax.models import layer_stack
 from kimi_jax.models.model_config import LONG_CONTEXT_FIELDS
 from kimi_jax.models.transformer import ModelConfig, RopeScaling, init_params
+from kimi_jax.models.vision import VisionConfig
 
 CONFIG_NAME = "model_config.json"
 PARAMS_NAME = "params"
@@ -44,7 +45,8 @@ PathLike = Union[str, os.PathLike]
 
 
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
-  """JSON-ready dict of every ModelConfig field (`rope_scaling` as a dict or None)."""
+  """JSON-ready dict of every ModelConfig field (`rope_scaling` and `vision`
+  as dicts or None)."""
   return dataclasses.asdict(cfg)
 
 
@@ -62,6 +64,13 @@ def config_from_dict(d: Mapping[str, Any], source: str = "model config") -> Mode
       raise ValueError(f"{source}: rope_scaling must be a dict with keys from "
                        f"{sorted(rope_fields)}, got {rope!r}")
     d["rope_scaling"] = RopeScaling(**rope)
+  if d.get("vision") is not None:
+    vision = d["vision"]
+    vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
+    if not isinstance(vision, Mapping) or set(vision) - vision_fields:
+      raise ValueError(f"{source}: vision must be a dict with keys from "
+                       f"{sorted(vision_fields)}, got {vision!r}")
+    d["vision"] = VisionConfig(**vision)
   try:
     return ModelConfig(**d)
   except TypeError as e:  # a required field is missing
@@ -202,7 +211,7 @@ def _source_config(src: Source, param_dtype: str) -> Optional[ModelConfig]:
     except json.JSONDecodeError as e:
       raise ValueError(f"{src.config_file}: not valid JSON ({e})") from e
   # RL and SFT updates want fp32 master weights, whatever dtype HF stores.
-  return hf.config_from_hf(hf_config, param_dtype=param_dtype, source=src.config_file)
+  return hf.model_config_from_hf(hf_config, param_dtype=param_dtype, source=src.config_file)
 
 
 def config_for(src: Source, model: Optional[Mapping[str, Any]] = None, *,
@@ -214,6 +223,8 @@ def config_for(src: Source, model: Optional[Mapping[str, Any]] = None, *,
   model = dict(model or {})
   if isinstance(model.get("rope_scaling"), Mapping):
     model["rope_scaling"] = RopeScaling(**model["rope_scaling"])
+  if isinstance(model.get("vision"), Mapping):
+    model["vision"] = VisionConfig(**model["vision"])
   cfg = _source_config(src, param_dtype=model.get("param_dtype", "float32"))
   if cfg is None:
     if not model:

@@ -24,6 +24,14 @@ Call without a cache for training/scoring:
 `models.logits`), and with a `KVCache` for prefill and incremental decode:
   logits_BTV, cache = Transformer(cfg).apply({'params': p}, tokens_BT, cache=cache)
 
+Image + text (`cfg.vision`): either call also takes `pixel_values` float32
+`[N, Y, X, C]` (normalised, `data.images.preprocess`); the image encoder's
+features replace the embeddings of the `cfg.image_token_id` placeholders,
+images in order of their placeholders (`vision.merge_image_features`; with
+`images_per_row` S the images are S static slots per row). Precomputed
+features (`method=Transformer.encode_images`) may be passed as
+`image_features` instead, so a prefill in chunks encodes the images once.
+
 Without a cache attention goes through `attention_kernels.sequence_attention`
 (`cfg.attention`: blockwise / splash / cuDNN / XLA), masked by causality and
 segment ids only; with a cache the new queries attend over the cache slots
@@ -40,6 +48,7 @@ import jax.numpy as jnp
 
 from kimi_jax import backend
 from kimi_jax.models import attention, attention_kernels, kv_cache
+from kimi_jax.models import vision as vision_lib
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.model_config import (  # noqa: F401  (re-exported)
     ATTENTION_IMPLEMENTATIONS, FAMILIES, REMAT_POLICIES, ModelConfig, RopeScaling)
@@ -249,10 +258,45 @@ class Transformer(nn.Module):
       self.lm_head = self.param(
           "lm_head", nn.with_logical_partitioning(_kernel_init(), ("embed", "vocab")),
           (cfg.hidden_size, cfg.vocab_size), pd)
+    if cfg.vision is not None:
+      self.vision = vision_lib.VisionEncoder(cfg.vision, cfg.hidden_size)
+
+  def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+    """Projected image features `[N, P, D]` (compute dtype) of float32
+    pixels `[N, Y, X, C]`: what the placeholders' embeddings become."""
+    if self.cfg.vision is None:
+      raise ValueError("this model has no image encoder (ModelConfig.vision is None)")
+    return self.vision(pixel_values)
+
+  def init_all(self, tokens_BT: jax.Array):
+    """Every parameter's initialiser, the image encoder's too (for `init`)."""
+    out = self(tokens_BT)
+    if self.cfg.vision is not None:
+      v = self.cfg.vision
+      self.encode_images(jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32))
+    return out
+
+  def _embed_images(self, x_BTD, tokens_BT, pixel_values, image_features, images_per_row,
+                    image_prompt_BT, image_offset_B):
+    """Token embeddings with the placeholders' replaced (see the module docstring)."""
+    if pixel_values is None and image_features is None:
+      return x_BTD
+    if self.cfg.vision is None:
+      raise ValueError("pixel_values / image_features given, but this model has no image "
+                       "encoder (ModelConfig.vision is None)")
+    if pixel_values is not None and image_features is not None:
+      raise ValueError("give pixel_values or image_features, not both")
+    feats_NPD = self.encode_images(pixel_values) if image_features is None else image_features
+    return vision_lib.merge_image_features(x_BTD, tokens_BT, feats_NPD, self.cfg.image_token_id,
+                                           images_per_row, image_prompt_BT, image_offset_B)
 
   def __call__(self, tokens_BT: jax.Array, *, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-               last_only: bool = False, return_hidden: bool = False):
+               last_only: bool = False, return_hidden: bool = False,
+               pixel_values: Optional[jax.Array] = None,
+               image_features: Optional[jax.Array] = None, images_per_row: Optional[int] = None,
+               image_prompt_BT: Optional[jax.Array] = None,
+               image_offset_B: Optional[jax.Array] = None):
     """Logits float32 `[B, T, V]` (`[B, 1, V]` with `last_only`).
 
     Args:
@@ -267,6 +311,10 @@ class Transformer(nn.Module):
       return_hidden: return the final-normed hidden states `[B, T, D]`
         (compute dtype) instead of logits; `lm_head(cfg, params)` is the
         head to apply (`models.logits` does it in chunks).
+      pixel_values / image_features, images_per_row, image_prompt_BT,
+        image_offset_B: the images of these tokens, as `pixels` float32
+        `[N, Y, X, C]` or encoded `[N, P, D]`, and `merge_image_features`'s
+        images_per_row / prompt_BT / offset_B. None: text only.
     """
     cfg = self.cfg
     B, T = tokens_BT.shape
@@ -293,6 +341,8 @@ class Transformer(nn.Module):
     embed_VD = nn.with_logical_constraint(jnp.asarray(self.embed, cfg.compute_dtype),
                                           ("vocab", None))
     x_BTD = jnp.take(embed_VD, tokens_BT, axis=0)
+    x_BTD = self._embed_images(x_BTD, tokens_BT, pixel_values, image_features, images_per_row,
+                               image_prompt_BT, image_offset_B)
     x_BTD = nn.with_logical_constraint(x_BTD, ACT_BTD)
     rope = rope_tables(positions_BT, rope_inv_freq(cfg))
     index = None if cache is None else cache.index
@@ -338,14 +388,16 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
   """Random parameters (plain arrays, logical-axis boxes removed)."""
   tokens = jnp.zeros((1, 1), jnp.int32)
   # Jitted: eager init dispatches (and compiles) every initializer separately.
-  init = jax.jit(lambda r: nn.unbox(Transformer(cfg).init(r, tokens)["params"]))
+  init = jax.jit(lambda r: nn.unbox(
+      Transformer(cfg).init(r, tokens, method=Transformer.init_all)["params"]))
   return init(rng)
 
 
 def param_logical_axes(cfg: ModelConfig) -> dict:
   """A pytree like the params whose leaves are `PartitionSpec`s of logical names."""
   tokens = jnp.zeros((1, 1), jnp.int32)
-  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens))
+  boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.PRNGKey(0), tokens,
+                                                       method=Transformer.init_all))
   return nn.get_partition_spec(boxed)["params"]
 
 

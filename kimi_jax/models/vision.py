@@ -131,6 +131,14 @@ class VisionConfig:
     """Blocks run before the features are taken (`feature_layer` made non-negative)."""
     return self.feature_layer % (self.num_layers + 1)
 
+  def num_params(self, out_dim: int) -> int:
+    """Parameters of tower + projector into an LM of width `out_dim` (exact)."""
+    W, F, s = self.hidden_size, self.intermediate_size, self.patch_size
+    block = 4 * (W * W + W) + 2 * 2 * W + (W * F + F) + (F * W + W)
+    tower = s * s * self.num_channels * W + W + self.num_patches * W + self.num_layers * block + 2 * W
+    projector = W * out_dim + out_dim * out_dim + 2 * out_dim * self.projector_bias
+    return tower + projector
+
   def replace(self, **changes) -> "VisionConfig":
     return dataclasses.replace(self, **changes)
 
@@ -327,7 +335,8 @@ def param_logical_axes(cfg: VisionConfig, out_dim: int) -> dict:
 
 def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, feats_NPD: jax.Array,
                          image_token_id: int, images_per_row: Optional[int] = None,
-                         prompt_BT: Optional[jax.Array] = None) -> jax.Array:
+                         prompt_BT: Optional[jax.Array] = None,
+                         offset_B: Optional[jax.Array] = None) -> jax.Array:
   """Token embeddings with the image placeholders replaced by image features.
 
   Args:
@@ -344,6 +353,9 @@ def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, feats_NPD: jax.
     prompt_BT: bool, where placeholders may be (default everywhere): the
       prompt positions of a row that also holds sampled tokens, so that a
       sampled image id stays an ordinary token, as in HF generation.
+    offset_B: int32 `[B]`, with `images_per_row`: placeholders of each row
+      that came before these tokens (a prefill in chunks); the first one
+      here takes feature vector `offset_B[b]` of the row's images.
 
   Returns `[B, T, D]`. Shapes that cannot match raise ValueError here (at
   trace time). Whether the placeholder count matches the images depends on
@@ -361,6 +373,8 @@ def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, feats_NPD: jax.
   if prompt_BT is not None:
     is_image_BT = is_image_BT & prompt_BT
   if images_per_row is None:
+    if offset_B is not None:
+      raise ValueError("offset_B needs images_per_row (per-row image slots)")
     if N * P > B * T:
       raise ValueError(f"{N} images x {P} patches do not fit in {B} x {T} tokens")
     flat = is_image_BT.reshape(B * T)
@@ -372,9 +386,9 @@ def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, feats_NPD: jax.
   S = images_per_row
   if N != B * S:
     raise ValueError(f"{N} images for {B} rows x {S} image slots (expected {B * S})")
-  if S * P > T:
-    raise ValueError(f"{S} image slots x {P} patches do not fit in {T} tokens per row")
   index_BT = jnp.cumsum(is_image_BT, axis=1, dtype=jnp.int32) - 1
+  if offset_B is not None:
+    index_BT = index_BT + offset_B[:, None]
   ok_BT = is_image_BT & (index_BT < S * P)
   picked_BTD = jnp.take_along_axis(feats_NPD.reshape(B, S * P, D),
                                    jnp.clip(index_BT, 0, S * P - 1)[..., None], axis=1)

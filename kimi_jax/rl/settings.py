@@ -40,6 +40,7 @@ from kimi_jax.data import synthetic
 from kimi_jax.models import hf, params_io
 from kimi_jax.models.model_config import LONG_CONTEXT_FIELDS
 from kimi_jax.models.transformer import ModelConfig, RopeScaling
+from kimi_jax.models.vision import VisionConfig
 from kimi_jax.rl.config_check import (  # noqa: F401  (ConfigError, suggest re-exported)
     ConfigError, build as _build, check_keys, suggest, take as _take)
 from kimi_jax.rl.losses import LossConfig
@@ -227,6 +228,8 @@ def _model(model: dict) -> tuple[ModelConfig, Optional[str]]:
   """ModelConfig from config.model, or from the config.json of `hf_path`."""
   if model.get("rope_scaling"):
     model["rope_scaling"] = _build(RopeScaling, "model.rope_scaling", model["rope_scaling"])
+  if model.get("vision"):
+    model["vision"] = _build(VisionConfig, "model.vision", model["vision"])
   hf_path = model.pop("hf_path", None)
   if not hf_path:
     return _build(ModelConfig, "model", model, also_known=("hf_path",)), None
@@ -246,7 +249,7 @@ def _model(model: dict) -> tuple[ModelConfig, Optional[str]]:
   running = {k: model.pop(k) for k in LONG_CONTEXT_FIELDS + ("max_position_embeddings",)
              if k in model}
   try:
-    cfg = hf.config_from_hf(hf_config, source=config_file, **numerics)
+    cfg = hf.model_config_from_hf(hf_config, source=config_file, **numerics)
   except ValueError as e:
     raise ConfigError(f"config.model.hf_path: {e}") from None
   try:
