@@ -250,10 +250,13 @@ class Layout:
     return KVCache(k=(k,) * c.num_layers, v=(v,) * c.num_layers, index=self.replicated,
                    start=self.batch(), cpu_layout=cpu_layout)
 
-  def rollout_state(self, num_slots: int) -> RolloutState:
-    """Shardings of a `RolloutState` of `num_slots` rows: every field by row."""
+  def rollout_state(self, num_slots: int, images: bool = False) -> RolloutState:
+    """Shardings of a `RolloutState` of `num_slots` rows: every field by row
+    (`pixels_BSYXC` None unless `images`)."""
     self.check_batch(num_slots, "RolloutState")
     fields = {f.name: self.batch() for f in dataclasses.fields(RolloutState)}
+    if not images:
+      fields["pixels_BSYXC"] = None
     return RolloutState(**fields)
 
 

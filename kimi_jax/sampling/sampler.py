@@ -30,6 +30,7 @@ import numpy as np
 
 from kimi_jax import decode_jit, distributed
 from kimi_jax.models import layer_stack
+from kimi_jax.models import vision as vision_lib
 from kimi_jax.models.kv_cache import KVCache
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import decode_loop, phases
@@ -131,7 +132,26 @@ def pin_cache(cache: KVCache, layout: Optional["Layout"]) -> KVCache:
                                                                  cache.length))
 
 
-def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache):
+def encode_images(model: Transformer, params, pixels_BSYXC: jax.Array) -> jax.Array:
+  """Image features `[B, S, Pi, D]` (Pi placeholders per image) of the S
+  image slots of each row, float32 pixels `[B, S, Y, X, C]`; computed once
+  per prefill, however many calls the prefill makes."""
+  B, S = pixels_BSYXC.shape[:2]
+  feats_NPD = model.apply({"params": params}, pixels_BSYXC.reshape((B * S,) + pixels_BSYXC.shape[2:]),
+                          method=Transformer.encode_images)
+  return feats_NPD.reshape((B, S) + feats_NPD.shape[1:])
+
+
+def prompt_positions(start_B: jax.Array, prompt_len_B: jax.Array, width: int) -> jax.Array:
+  """bool `[B, W]`: the prompt slots of left-padded rows whose prompt starts
+  at `start_B` (the tokens after it are a response so far)."""
+  idx_BW = jnp.arange(width, dtype=jnp.int32)[None, :] - start_B[:, None]
+  return (idx_BW >= 0) & (idx_BW < prompt_len_B[:, None])
+
+
+def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache,
+            image_features_BSPD: Optional[jax.Array] = None,
+            image_prompt_BP: Optional[jax.Array] = None):
   """Encode left-padded prompts into `cache`; returns (last logits `[B, V]`, cache).
 
   With `model.cfg.prefill_chunk = C` (0 < C < P) the P tokens go in as a
@@ -140,32 +160,58 @@ def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache):
   attention scores are `[B, H, C, S]` instead of `[B, H, P, S]` and the
   activations those of C tokens, so prefill memory grows linearly with P.
   Same cache and logits as one call, up to float rounding.
+
+  Image + text: `image_features_BSPD` (`encode_images`) are each row's S
+  image slots; the placeholders among `image_prompt_BP` (bool, default
+  every slot) take them in order, across chunks too (each chunk starts at
+  the placeholders counted so far).
   """
   C = model.cfg.prefill_chunk
-  P = tokens_BP.shape[1]
+  B, P = tokens_BP.shape
+  if image_features_BSPD is not None and image_prompt_BP is None:
+    image_prompt_BP = jnp.ones((B, P), bool)
+
+  def call(tokens_BT, prompt_BT, offset_B, cache):
+    kw = {}
+    if image_features_BSPD is not None:
+      S, Pi, D = image_features_BSPD.shape[1:]
+      kw = dict(image_features=image_features_BSPD.reshape(B * S, Pi, D), images_per_row=S,
+                image_prompt_BT=prompt_BT, image_offset_B=offset_B)
+      offset_B = offset_B + jnp.sum((tokens_BT == model.cfg.image_token_id) & prompt_BT, axis=1,
+                                    dtype=jnp.int32)
+    logits_B1V, cache = model.apply({"params": params}, tokens_BT, cache=cache, last_only=True,
+                                    **kw)
+    return logits_B1V[:, 0, :], cache, offset_B
+
+  offset_B = jnp.zeros((B,), jnp.int32)
+  prompt_BP = image_prompt_BP if image_prompt_BP is not None else jnp.zeros((B, P), bool)
   if C <= 0 or C >= P:
-    logits_B1V, cache = model.apply({"params": params}, tokens_BP, cache=cache, last_only=True)
-    return logits_B1V[:, 0, :], cache
+    logits_BV, cache, _ = call(tokens_BP, prompt_BP, offset_B, cache)
+    return logits_BV, cache
   head = P % C
   if head:
-    _, cache = model.apply({"params": params}, tokens_BP[:, :head], cache=cache, last_only=True)
-  chunks_KBC = tokens_BP[:, head:].reshape(tokens_BP.shape[0], P // C, C).swapaxes(0, 1)
+    _, cache, offset_B = call(tokens_BP[:, :head], prompt_BP[:, :head], offset_B, cache)
 
-  def one_chunk(cache, tokens_BC):
-    logits_B1V, cache = model.apply({"params": params}, tokens_BC, cache=cache, last_only=True)
-    return cache, logits_B1V[:, 0, :]
+  def chunks(x_BP):
+    return x_BP[:, head:].reshape(B, P // C, C).swapaxes(0, 1)
+
+  def one_chunk(carry, xs):
+    cache, offset_B = carry
+    logits_BV, cache, offset_B = call(*xs, offset_B, cache)
+    return (cache, offset_B), logits_BV
 
   # The logits of every chunk are stacked ([K, B, V], small); the last is kept.
-  cache, logits_KBV = jax.lax.scan(one_chunk, cache, chunks_KBC)
+  (cache, _), logits_KBV = jax.lax.scan(one_chunk, (cache, offset_B),
+                                        (chunks(tokens_BP), chunks(prompt_BP)))
   return logits_KBV[-1], cache
 
 
 @decode_jit.decode_jit(static_argnames=("cfg", "sampling", "new_slots", "layout",
                                         "decode_phases"))
 def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax.Array,
-           eos_id: jax.Array, rng: jax.Array, *, cfg: ModelConfig, sampling: SamplingConfig,
-           new_slots: int, layout: Optional["Layout"] = None,
-           decode_phases: int = DECODE_PHASES):
+           eos_id: jax.Array, rng: jax.Array, pixels_BSYXC: Optional[jax.Array] = None, *,
+           cfg: ModelConfig, sampling: SamplingConfig, new_slots: int,
+           layout: Optional["Layout"] = None, decode_phases: int = DECODE_PHASES):
   """Prefill left-padded prompts, then decode up to `max_new_tokens` tokens.
 
   Args:
@@ -176,6 +222,8 @@ def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax
     max_new_tokens: int32 scalar <= `new_slots`.
     eos_id: int32 scalar; `NO_EOS` disables early stopping.
     rng: PRNG key.
+    pixels_BSYXC: float32 `[B, S, Y, X, C]`, each row's S image slots (a
+      multimodal `cfg`; placeholders anywhere in the prompt), or None.
     cfg, sampling, new_slots: static (model, sampling rule, output buffer size).
     layout: static sampling `parallel.Layout` or None (one device / no
       constraints). B must divide over its data axes.
@@ -190,26 +238,29 @@ def decode(params, tokens_BP: jax.Array, start_B: jax.Array, max_new_tokens: jax
   """
   bounds = phases.phase_slots(tokens_BP.shape[1], new_slots, decode_phases)
   if layout is None:
-    return _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampling,
-                   new_slots, bounds, None)
+    return _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, pixels_BSYXC, cfg,
+                   sampling, new_slots, bounds, None)
   if layout.cfg != cfg:
     raise ValueError("decode: layout.cfg differs from cfg (the layout was built for another model)")
   layout.kv_cache(tokens_BP.shape[0], bounds[-1])  # checks that B divides
   with layout.activate():
-    tokens_BP, start_B = jax.lax.with_sharding_constraint((tokens_BP, start_B), layout.batch())
-    return _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampling,
-                   new_slots, bounds, layout)
+    tokens_BP, start_B, pixels_BSYXC = jax.lax.with_sharding_constraint(
+        (tokens_BP, start_B, pixels_BSYXC), layout.batch())
+    return _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, pixels_BSYXC, cfg,
+                   sampling, new_slots, bounds, layout)
 
 
-def _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, cfg, sampling, new_slots,
-            bounds, layout):
+def _decode(params, tokens_BP, start_B, max_new_tokens, eos_id, rng, pixels_BSYXC, cfg, sampling,
+            new_slots, bounds, layout):
   """`decode`'s body over the cache sizes `bounds`; `layout` (or None) pins the
   cache. The loop is `decode_loop.decode_tokens`, the rollouts' loop, with one
   limit for every row and no repeat detector."""
   B = tokens_BP.shape[0]
   place = functools.partial(pin_cache, layout=layout)
   cache = place(init_cache(cfg, B, bounds[0], start=start_B))
-  logits_BV, cache = prefill(Transformer(cfg), params, tokens_BP, cache)
+  model = Transformer(cfg)
+  feats = None if pixels_BSYXC is None else encode_images(model, params, pixels_BSYXC)
+  logits_BV, cache = prefill(model, params, tokens_BP, cache, feats)
   step, vocab_first = decode_loop.one_token_step(cfg, params, layout is not None)
   out = decode_loop.decode_tokens(
       step, vocab_first, functools.partial(sample_token, cfg=sampling), logits_BV, cache, rng,
@@ -240,7 +291,7 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
              temperature: float = 0.0, seed: int = 0, eos_id: Optional[int] = None, *,
              top_k: int = 0, top_p: float = 1.0, max_length: Optional[int] = None,
              return_logprobs: bool = False, layout: Optional["Layout"] = None,
-             decode_phases: int = DECODE_PHASES):
+             decode_phases: int = DECODE_PHASES, images: Optional[Sequence] = None):
   """Generate continuations for a batch of token-id prompts.
 
   Args:
@@ -258,6 +309,10 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
       Rows are padded to a multiple of its data-parallel size.
     decode_phases: decode over a KV cache grown in this many steps (see
       `decode`); changing it recompiles.
+    images: image + text (a `cfg` with `vision`): per prompt, its images
+      float32 `[n, Y, X, C]` (preprocessed; n may be 0), one per
+      placeholder run of `cfg.vision.tokens_per_image` ids, in order. A
+      count that disagrees with the placeholders raises ValueError.
 
   Returns:
     A list of generated token-id lists, one per prompt (and a matching list of
@@ -284,9 +339,10 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
           f"exceeds the maximum length {limit} (prompt + new tokens)")
   rows = bucket(len(prompts), minimum=1 if layout is None else layout.batch_shards)
   tokens, start = left_pad(prompts, rows, bucket(max(len(p) for p in prompts)))
+  pixels = None if images is None else image_slots(cfg, prompts, images, rows)
   out, logp, num_new = decode(
       params, tokens, start, np.int32(max_new_tokens),
-      np.int32(NO_EOS if eos_id is None else eos_id), jax.random.PRNGKey(seed),
+      np.int32(NO_EOS if eos_id is None else eos_id), jax.random.PRNGKey(seed), pixels,
       cfg=cfg, sampling=sampling, new_slots=bucket(max_new_tokens), layout=layout,
       decode_phases=decode_phases)
   # Whole arrays on every process (a multi-process layout splits the rows).
@@ -295,3 +351,35 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
   if return_logprobs:
     return seqs, [logp[b, :num_new[b]].tolist() for b in range(len(prompts))]
   return seqs
+
+
+def image_slots(cfg: ModelConfig, prompts: Sequence[Sequence[int]], images: Sequence,
+                rows: int, slots: Optional[int] = None) -> np.ndarray:
+  """float32 `[rows, S, Y, X, C]`: prompt b's images in its first slots, zeros
+  after (never read). S = `slots`, default the most images of any prompt
+  (at least 1). ValueError when a prompt's placeholders and images disagree
+  or the model has no image encoder."""
+  if cfg.vision is None:
+    raise ValueError("images given, but the model has no image encoder (ModelConfig.vision)")
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+  v = cfg.vision
+  shape = (v.image_size, v.image_size, v.num_channels)
+  per_prompt = [np.zeros((0,) + shape, np.float32) if x is None else np.asarray(x, np.float32)
+                for x in images]
+  S = slots if slots is not None else max(1, max(len(x) for x in per_prompt))
+  out = np.zeros((rows, S) + shape, np.float32)
+  for b, (p, x) in enumerate(zip(prompts, per_prompt)):
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+      raise ValueError(f"prompt {b}: images must be [n, {shape[0]}, {shape[1]}, {shape[2]}] "
+                       f"(data.images.preprocess), got {x.shape}")
+    if len(x) > S:
+      raise ValueError(f"prompt {b} has {len(x)} images, more than the {S} image slots")
+    try:
+      vision_lib.check_image_placeholders(np.asarray(p)[None], len(x), v.tokens_per_image,
+                                          cfg.image_token_id, images_per_row=S,
+                                          images_in_row=[len(x)])
+    except ValueError as e:
+      raise ValueError(f"prompt {b}: {str(e).removeprefix('row 0: ')}") from None
+    out[b, :len(x)] = x
+  return out

@@ -10,6 +10,9 @@ budget), V vocab.
      with `prefill_rows` > 0 the running rows are prefilled in groups, each
      at the width its longest row needs, so one long carried row does not
      make every row prefill at W (the cache layout is the same either way);
+     image + text rows (`state.pixels_BSYXC`) are prefilled with their
+     images, whose features fill the prompt's placeholders (a sampled token
+     equal to the placeholder id stays a token);
   2. decodes in `decode_loop.decode_tokens` (the loop `generate` runs too)
      until each row hits eos, its budget, the max total length L, or a
      detected repeat; finished rows only cost masking until the whole batch
@@ -45,8 +48,8 @@ from kimi_jax.models.transformer import ModelConfig, Transformer, init_cache
 from kimi_jax.sampling import decode_loop, repetition
 from kimi_jax.sampling.finish import FinishReason
 from kimi_jax.sampling.phases import phase_slots
-from kimi_jax.sampling.sampler import (NO_EOS, SamplingConfig, bucket, pin_cache, prefill,
-                                       sample_token)
+from kimi_jax.sampling.sampler import (NO_EOS, SamplingConfig, bucket, encode_images,
+                                       pin_cache, prefill, prompt_positions, sample_token)
 from kimi_jax.sampling.state import RolloutState
 
 if TYPE_CHECKING:
@@ -85,16 +88,21 @@ def chunk_widths(width: int, min_width: int) -> tuple[int, ...]:
     out.append(w)
 
 
-def _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra, layout=None):
-  """One prefill of every row at width W (the simple layout)."""
+def _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra, images, layout=None):
+  """One prefill of every row at width W (the simple layout). `images`:
+  None, or (features `[B, S, Pi, D]`, prompt_len_B) of the rows' images."""
   B = tokens_BL.shape[0]
   tokens_BW, start_B = _left_pack(tokens_BL, length_B, width)
   cache = pin_cache(init_cache(cfg, B, width + extra, start=start_B), layout)
-  return prefill(model, params, tokens_BW, cache)
+  if images is None:
+    return prefill(model, params, tokens_BW, cache)
+  feats_BSPD, prompt_len_B = images
+  return prefill(model, params, tokens_BW, cache, feats_BSPD,
+                 prompt_positions(start_B, prompt_len_B, width))
 
 
 def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extra, rows,
-                     min_width, layout=None):
+                     min_width, images, layout=None):
   """Prefill the running rows in groups of `rows`, each at the width it needs.
 
   Running rows are sorted by length (longest first) and cut into groups of
@@ -132,7 +140,12 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
     def branch(rows_G):
       tokens_Gw, start_G = _left_pack(tokens_BL[rows_G], len_B[rows_G], w)
       cache = init_cache(cfg, G, w, start=start_G)
-      logits_GV, cache = prefill(model, params, tokens_Gw, cache)
+      if images is None:
+        logits_GV, cache = prefill(model, params, tokens_Gw, cache)
+      else:
+        feats_BSPD, prompt_len_B = images
+        logits_GV, cache = prefill(model, params, tokens_Gw, cache, feats_BSPD[rows_G],
+                                   prompt_positions(start_G, prompt_len_B[rows_G], w))
       return (logits_GV, tuple(place(x, cache.k_slot_axis, w) for x in cache.k),
               tuple(place(x, cache.v_slot_axis, w) for x in cache.v))
     return branch
@@ -204,14 +217,15 @@ def sample_segment(params, state: RolloutState, budget: jax.Array, iteration: ja
     return _plain_segment(params, state, budget, iteration, rng, eos_id, **statics)
   if layout.cfg != cfg:
     raise ValueError("sample_segment: layout.cfg differs from cfg (a layout of another model)")
-  fn = _sharded_segment(layout, state.tokens_BL.shape[0], **statics)
+  fn = _sharded_segment(layout, state.tokens_BL.shape[0], state.pixels_BSYXC is not None,
+                        **statics)
   return fn(params, state, budget, iteration, rng, eos_id)
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_segment(layout: "Layout", num_slots: int, **statics):
+def _sharded_segment(layout: "Layout", num_slots: int, images: bool, **statics):
   """`_segment_body` jitted with the layout's in/out shardings (statics bound)."""
-  state = layout.rollout_state(num_slots)  # checks that the rows divide
+  state = layout.rollout_state(num_slots, images)  # checks that the rows divide
   rep = layout.replicated
   # Prefill groups split over the data axes like every batch.
   shards = layout.batch_shards
@@ -244,12 +258,18 @@ def _segment_body(params, state: RolloutState, budget, iteration, rng, eos_id, *
   # prefill builds the first phase's cache.
   bounds = phase_slots(width, N, decode_phases)
   extra = bounds[0] - width
+  # Carried rows are re-prefilled with their images, encoded once here under
+  # the current weights (the tower may be training too).
+  images = None
+  if state.pixels_BSYXC is not None:
+    images = (encode_images(model, params, jnp.asarray(state.pixels_BSYXC)),
+              jnp.asarray(state.prompt_len_B))
   if 0 < prefill_rows < B and len(chunk_widths(width, prefill_min_width)) > 1:
     logits_BV, cache = _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width,
-                                        extra, prefill_rows, prefill_min_width, layout)
+                                        extra, prefill_rows, prefill_min_width, images, layout)
   else:
     logits_BV, cache = _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra,
-                                      layout)
+                                      images, layout)
   history_BH = repetition.init_history(state.tokens_BL, state.length_B, state.prompt_len_B, repeat)
   step, vocab_first = decode_loop.one_token_step(cfg, params, layout is not None)
   out = decode_loop.decode_tokens(
@@ -342,7 +362,8 @@ class SegmentSampler:
       width = distributed.max_over_processes(self.width_for(state))
     if self.layout is not None:
       rows = state.num_slots * jax.process_count()
-      state = distributed.to_global(state, self.layout.rollout_state(rows))
+      state = distributed.to_global(
+          state, self.layout.rollout_state(rows, state.pixels_BSYXC is not None))
     new_state, steps = sample_segment(
         params, state, np.int32(budget), np.int32(iteration), rng,
         np.int32(NO_EOS if self.eos_id is None else self.eos_id), cfg=self.cfg,
@@ -353,11 +374,16 @@ class SegmentSampler:
       return new_state.to_numpy(), int(steps)
     return distributed.to_local(new_state), int(distributed.to_local(steps))
 
-  def warmup(self, params, num_slots: int, max_length: int) -> None:
+  def warmup(self, params, num_slots: int, max_length: int, image_slots: int = 0) -> None:
     """Compile every width bucket now, so later iterations never compile.
 
     num_slots: this process's rows (as `__call__` takes them).
+    image_slots: S of the states' `pixels_BSYXC` (0: text only).
     """
     empty = RolloutState.empty(num_slots, max_length)
+    if image_slots:
+      v = self.cfg.vision
+      empty = empty.replace(pixels_BSYXC=np.zeros(
+          (num_slots, image_slots, v.image_size, v.image_size, v.num_channels), np.float32))
     for w in self.widths(max_length):
       self(params, empty, 1, 0, jax.random.PRNGKey(0), width=w)

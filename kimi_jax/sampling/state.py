@@ -12,6 +12,7 @@ and jax arrays inside `sample_segment`; every field has a fixed shape.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import flax.struct
 import jax
@@ -36,6 +37,11 @@ class RolloutState:
       and for unused positions).
     prompt_idx_B: int32 prompt index in the prompt source (-1 for empty slots).
     sample_idx_B: int32 which of the k samples of its prompt this row is.
+    pixels_BSYXC: float32 `[B, S, Y, X, C]`, each row's prompt images in S
+      static slots (zeros after the last; never read), or None (text only).
+      A function of the row's prompt: the trainer fills them from
+      `prompt_idx_B` for fresh and carried rows alike (`sampling.images`),
+      so the replay buffer and checkpoints need no pixels.
   """
   tokens_BL: np.ndarray
   length_B: np.ndarray
@@ -46,6 +52,7 @@ class RolloutState:
   token_iter_BL: np.ndarray
   prompt_idx_B: np.ndarray
   sample_idx_B: np.ndarray
+  pixels_BSYXC: Optional[np.ndarray] = None
 
   @classmethod
   def empty(cls, num_slots: int, max_length: int) -> "RolloutState":
@@ -72,4 +79,5 @@ class RolloutState:
   def to_numpy(self) -> "RolloutState":
     """A host copy (device arrays fetched)."""
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    return RolloutState(**{k: np.asarray(v) for k, v in jax.device_get(fields).items()})
+    return RolloutState(**{k: None if v is None else np.asarray(v)
+                           for k, v in jax.device_get(fields).items()})
