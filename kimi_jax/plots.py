@@ -2,6 +2,7 @@
 
 Figures, each written only when at least one of its keys has a finite value:
   accuracy.png         eval/accuracy and eval/accuracy_d{N} per difficulty
+  accuracy_by_task.png eval/accuracy_task/{name} per task category (image tasks)
   reward.png           rollout/reward_mean, rollout/task_reward_mean
   response_length.png  rollout/response_tokens_mean, eval/response_tokens_d{N}
   finish_reasons.png   rollout/finish_{reason} counts
@@ -51,6 +52,8 @@ FIGURES = {
         "Evaluation accuracy", "accuracy",
         _either(_fixed("eval/accuracy"), _per_difficulty("eval/accuracy_d")),
         True),
+    "accuracy_by_task.png": (
+        "Evaluation accuracy per task", "accuracy", _prefixed("eval/accuracy_task/"), True),
     "reward.png": (
         "Rollout reward", "mean reward",
         _fixed("rollout/reward_mean", "rollout/task_reward_mean"), False),

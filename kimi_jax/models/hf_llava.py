@@ -41,7 +41,6 @@ weights are `[out, in]`, ours `[in, ...]`:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re

@@ -17,10 +17,16 @@ a sample and RoPE sees the unpacked positions. Rows fill from the front:
 the train step skips microbatches with no sample, so a minibatch of short
 samples costs the rows it needs, not `minibatch_size` rows. S = 1 is the
 unpacked layout (row n = sample n).
+
+Image + text samples (`images` given): row n also holds the images of its
+samples, in the order the samples sit in the row (their placeholders'
+order), in `I = S * image_slots` static slots (`pixels_NIYXC`, zeros after
+the last); `image_prompt_NT` marks the prompt tokens, the only ones whose
+placeholder ids take image features (a sampled id stays a token).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.struct
 import jax
@@ -46,6 +52,8 @@ class Batch:
   Per sample slot, `[N, S]`: rewards_NS float32 final rewards;
   advantages_NS float32, r - r_bar (/ group std with
   `LossConfig.advantage_std_norm`); sample_mask_NS float32.
+  Image + text only (else None): pixels_NIYXC float32 `[N, I, Y, X, C]`,
+  the row's images in I slots; image_prompt_NT bool, prompt tokens.
   """
   tokens_NT: jax.Array
   positions_NT: jax.Array
@@ -56,6 +64,8 @@ class Batch:
   rewards_NS: jax.Array
   advantages_NS: jax.Array
   sample_mask_NS: jax.Array
+  pixels_NIYXC: Optional[jax.Array] = None
+  image_prompt_NT: Optional[jax.Array] = None
 
 
 # Which response tokens enter the loss under partial rollouts (config key
@@ -90,15 +100,22 @@ def loss_mask(traj, loss_segments: str, iteration: int) -> np.ndarray:
   return mask
 
 
-def empty_minibatch(n: int, length: int, samples_per_row: int = 1) -> dict:
+def empty_minibatch(n: int, length: int, samples_per_row: int = 1, image_slots: int = 0,
+                    image_shape: Optional[tuple[int, int, int]] = None) -> dict:
   """A minibatch of `n` empty rows of `length` tokens (sample_mask 0: no
-  loss, no gradient), in the fields of `Batch` except `ref_logp_NT`."""
+  loss, no gradient), in the fields of `Batch` except `ref_logp_NT`; with
+  `image_slots` per sample, the image fields too (`image_shape` (Y, X, C))."""
   token = lambda dtype: np.zeros((n, length), dtype)  # noqa: E731
   sample = lambda: np.zeros((n, samples_per_row), np.float32)  # noqa: E731
-  return dict(tokens_NT=token(np.int32), positions_NT=token(np.int32),
-              segment_ids_NT=token(np.int32), mask_NT=token(np.float32),
-              behaviour_logp_NT=token(np.float32), rewards_NS=sample(),
-              advantages_NS=sample(), sample_mask_NS=sample())
+  mb = dict(tokens_NT=token(np.int32), positions_NT=token(np.int32),
+            segment_ids_NT=token(np.int32), mask_NT=token(np.float32),
+            behaviour_logp_NT=token(np.float32), rewards_NS=sample(),
+            advantages_NS=sample(), sample_mask_NS=sample())
+  if image_slots:
+    mb["pixels_NIYXC"] = np.zeros((n, samples_per_row * image_slots) + tuple(image_shape),
+                                  np.float32)
+    mb["image_prompt_NT"] = token(bool)
+  return mb
 
 
 def pack(lengths: Sequence[int], rows: int, length: int,
@@ -139,7 +156,9 @@ def pack(lengths: Sequence[int], rows: int, length: int,
 def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibatch_size: int,
                      loss_segments: str, iteration: int, length: int = 0,
                      length_multiple: int = 64, samples_per_row: int = 1,
-                     advantage_std_norm: bool = False) -> list[dict]:
+                     advantage_std_norm: bool = False,
+                     images: Optional[Callable[[int], np.ndarray]] = None,
+                     image_slots: int = 0) -> list[dict]:
   """All samples of `groups` in minibatches of `minibatch_size` samples, each
   laid out in `minibatch_size` rows (module docstring).
 
@@ -160,6 +179,9 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
     samples_per_row: S, the most samples packed into one row (1 = no packing).
     advantage_std_norm: divide each group's advantages by its reward std
       (`LossConfig.advantage_std_norm`).
+    images: image + text: prompt index -> its images float32 `[n, Y, X, C]`
+      (n <= image_slots), the ones the rollout was sampled with.
+    image_slots: image slots per sample (with `images`).
 
   Returns:
     A list of dicts of numpy arrays with the fields of `Batch` except
@@ -172,12 +194,20 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
   samples = [(t, g, k) for g, grp in enumerate(groups) for k, t in enumerate(grp.trajectories)]
   longest = max(len(t.tokens) for t, _, _ in samples)
   T = length or -(-longest // length_multiple) * length_multiple
+  image_shape = None
+  if images is not None:
+    if image_slots < 1:
+      raise ValueError(f"image_slots must be >= 1 with images, got {image_slots}")
+    image_shape = images(samples[0][0].prompt_idx).shape[1:]
   out = []
   for lo in range(0, len(samples), minibatch_size):
     chunk = samples[lo:lo + minibatch_size]
-    mb = empty_minibatch(minibatch_size, T, samples_per_row)
+    mb = empty_minibatch(minibatch_size, T, samples_per_row, image_slots if images else 0,
+                         image_shape)
     where = pack([len(t.tokens) for t, _, _ in chunk], minibatch_size, T, samples_per_row)
-    for (t, g, k), (row, start, slot) in zip(chunk, where):
+    used = [0] * minibatch_size  # image slots filled per row
+    # Samples in row order (by offset), so images follow their placeholders.
+    for (t, g, k), (row, start, slot) in sorted(zip(chunk, where), key=lambda x: x[1]):
       span = slice(start, start + len(t.tokens))
       mb["tokens_NT"][row, span] = t.tokens
       mb["positions_NT"][row, span] = np.arange(len(t.tokens))
@@ -187,6 +217,14 @@ def make_minibatches(groups: Sequence[Group], rewards_GK: np.ndarray, *, minibat
       mb["rewards_NS"][row, slot] = rewards_GK[g, k]
       mb["advantages_NS"][row, slot] = advantages_GK[g, k]
       mb["sample_mask_NS"][row, slot] = 1.0
+      if images is not None:
+        x = images(t.prompt_idx)
+        if len(x) > image_slots:
+          raise ValueError(f"prompt {t.prompt_idx} has {len(x)} images, more than the "
+                           f"{image_slots} image slots per sample")
+        mb["pixels_NIYXC"][row, used[row]:used[row] + len(x)] = x
+        used[row] += len(x)
+        mb["image_prompt_NT"][row, start:start + t.prompt_len] = True
     out.append(mb)
   return out
 

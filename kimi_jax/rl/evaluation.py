@@ -7,7 +7,7 @@ tests is wrong here too, whatever `RewardConfig.task_reward` says).
 from __future__ import annotations
 
 import collections
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -29,7 +29,8 @@ def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[in
              decode: Callable[[list[int]], str], score: Callable[[object, str], float],
              max_new_tokens: int, eos_id: int, temperature: float = 0.0, samples: int = 1,
              seed: int = 0, batch_size: int = 256, verifier_workers: int = 1,
-             layout=None) -> dict[str, float]:
+             layout=None, images: Optional[Callable[[object], np.ndarray]] = None,
+             category: Optional[Callable[[object], str]] = None) -> dict[str, float]:
   """Sample each problem `samples` times; report mean score and lengths.
 
   Args:
@@ -45,11 +46,16 @@ def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[in
     layout: the sampling `parallel.Layout` that `params` are in, or None.
       With several processes every one evaluates every problem (same
       prompts, same seed: the same numbers on each).
+    images: image + text problems: problem -> its images float32
+      `[n, Y, X, C]` (`sampling.generate`'s `images`).
+    category: problem -> task name, for per-task metrics.
 
   Returns:
     `eval/accuracy`, `eval/response_tokens_mean`, and per difficulty d
     `eval/accuracy_d{d}` and `eval/response_tokens_d{d}` (tokens incl. eos);
-    `eval/verifier_errors` when the verifier failed on some response.
+    `eval/verifier_errors` when the verifier failed on some response;
+    with `category`, `eval/accuracy_task/{name}` and
+    `eval/response_tokens_task/{name}` per task.
   """
   acc = collections.defaultdict(list)
   lengths = collections.defaultdict(list)
@@ -58,24 +64,31 @@ def evaluate(cfg, params, problems: Sequence, *, encode: Callable[[str], list[in
   for s in range(samples):
     for lo in range(0, len(problems), batch_size):
       chunk = prompts[lo:lo + batch_size]
+      chunk_problems = problems[lo:lo + batch_size]
       outs = generate(cfg, params, chunk, max_new_tokens, temperature=temperature,
                       seed=seed + 1000 * s + lo, eos_id=eos_id,
-                      max_length=max(map(len, chunk)) + max_new_tokens, layout=layout)
-      chunk_problems = problems[lo:lo + batch_size]
+                      max_length=max(map(len, chunk)) + max_new_tokens, layout=layout,
+                      images=None if images is None else [images(p) for p in chunk_problems])
       scored = apply_verifier(score, chunk_problems, [decode(out) for out in outs],
                               max_workers=verifier_workers)
       errors += sum(scored.errors.values())
       correct = is_correct(scored.rewards).astype(np.float64).tolist()
       for p, out, value in zip(chunk_problems, outs, correct):
         bucket = difficulty_bucket(p.difficulty)
-        for key in ("all",) + ((bucket,) if bucket is not None else ()):
+        keys = ("all",) + ((bucket,) if bucket is not None else ())
+        if category is not None:
+          keys += (("task", category(p)),)
+        for key in keys:
           acc[key].append(value)
           lengths[key].append(len(out))
   metrics = {"eval/accuracy": float(np.mean(acc["all"])),
              "eval/response_tokens_mean": float(np.mean(lengths["all"]))}
-  for d in sorted(k for k in acc if k != "all"):
+  for d in sorted(k for k in acc if k != "all" and not isinstance(k, tuple)):
     metrics[f"eval/accuracy_d{d}"] = float(np.mean(acc[d]))
     metrics[f"eval/response_tokens_d{d}"] = float(np.mean(lengths[d]))
+  for key in sorted(k for k in acc if isinstance(k, tuple)):
+    metrics[f"eval/accuracy_task/{key[1]}"] = float(np.mean(acc[key]))
+    metrics[f"eval/response_tokens_task/{key[1]}"] = float(np.mean(lengths[key]))
   if errors:
     metrics["eval/verifier_errors"] = float(errors)
   return metrics

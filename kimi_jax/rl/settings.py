@@ -285,7 +285,17 @@ def _init_from(path, model: dict, sft_steps: int) -> tuple[ModelConfig, str]:
 
 
 def _data(data: dict):
-  """Prompt files when config.data names a train_file, else synthetic tasks."""
+  """Prompt files when config.data names a train_file, the image + text
+  tasks with `kind='visual'`, else the synthetic tasks."""
+  kind = data.pop("kind", "synthetic")
+  if kind not in ("synthetic", "visual"):
+    raise ConfigError(f"config.data.kind must be 'synthetic' or 'visual', got {kind!r}")
+  if kind == "visual":
+    from kimi_jax.rl import visual_task  # pylint: disable=g-import-not-at-top
+    for key in ("tasks", "difficulties"):
+      if data.get(key) is not None:
+        data[key] = tuple(data[key])
+    return _build(visual_task.VisualData, "data", data)
   if "train_file" in data:
     for key in ("train_file", "heldout_file", "tokenizer"):
       if isinstance(data.get(key), str):  # recipes name ~/ paths; gs:// is left alone

@@ -4,7 +4,8 @@ One `Task` whatever the source, built from settings by `make_task`:
   synthetic     data/synthetic.py problems, byte vocabulary, exact-match
                 reward, long-CoT traces for the SFT warm-up (the default);
   prompt files  JSONL prompt sets (data/prompts.py), a tokenizer.json, a
-                verifier per prompt type (`rewards.PromptVerifier`).
+                verifier per prompt type (`rewards.PromptVerifier`);
+  visual        data/visual.py image + text problems (rl/visual_task.py).
 
 Records (`Task.train`, `Task.heldout`) have at least `.id`, `.prompt` and
 `.difficulty` (int, float or None); `Task.score(record, text)` is the
@@ -21,6 +22,7 @@ from absl import logging
 from kimi_jax.data import synthetic
 from kimi_jax.rl import rewards as rewards_lib
 from kimi_jax.rl import settings as settings_lib
+from kimi_jax.rl import visual_task
 from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
 
 
@@ -31,7 +33,13 @@ class Task:
   score: (record, response text) -> reward; verifier_workers: threads for
   scoring; skipped_prompts: invalid prompt-file lines skipped (None for
   synthetic data); sft_problems: problems with traces for the warm-up (None:
-  no warm-up possible)."""
+  no warm-up possible).
+
+  Image + text tasks also have images: record -> its images float32
+  `[n, Y, X, C]` (n <= image_slots, the static slots per prompt); category:
+  record -> task name (per-task evaluation metrics); sft_examples:
+  (n, long_frac, error_rate, seed) -> SFT `Example`s for the warm-up (None:
+  `sft.synthetic_examples` of sft_problems)."""
   train: Sequence[Any]
   heldout: Sequence[Any]
   encode: Callable[[str], list[int]]
@@ -42,6 +50,10 @@ class Task:
   verifier_workers: int = 1
   skipped_prompts: Optional[int] = None
   sft_problems: Optional[Sequence[Any]] = None
+  images: Optional[Callable[[Any], Any]] = None
+  image_slots: int = 0
+  category: Optional[Callable[[Any], str]] = None
+  sft_examples: Optional[Callable[[int, float, float, int], list]] = None
 
   def metrics(self) -> dict:
     """Constant per-run metrics logged on every row (prompt files only)."""
@@ -113,6 +125,8 @@ def make_task(s: settings_lib.Settings) -> Task:
   """The task of `s.data`; ConfigError when the model cannot embed its ids."""
   if isinstance(s.data, settings_lib.PromptFileData):
     task, what = prompt_file_task(s), f"tokenizer {s.data.tokenizer}"
+  elif isinstance(s.data, visual_task.VisualData):
+    task, what = visual_task.visual_task(s.seed, s.data, s.model), "visual tasks' vocabulary"
   else:
     task, what = synthetic_task(s), "byte vocabulary"
   if task.vocab_size > s.model.vocab_size:

@@ -47,7 +47,7 @@ from kimi_jax.checkpointing import Checkpointer
 from kimi_jax.compile_count import total_compiles
 from kimi_jax.data import prompts as prompts_lib
 from kimi_jax.metrics import MetricsWriter, read_metrics
-from kimi_jax.models import hf, params_io
+from kimi_jax.models import params_io
 from kimi_jax.models.transformer import init_params
 from kimi_jax.plots import write_plots
 from kimi_jax.rl import batch as batch_lib
@@ -57,6 +57,7 @@ from kimi_jax.rl import rewards as rewards_lib
 from kimi_jax.rl import settings as settings_lib
 from kimi_jax.rl import tasks as tasks_lib
 from kimi_jax.rl.evaluation import difficulty_bucket, evaluate
+from kimi_jax.rl.initial_weights import initial_params, warm_up  # noqa: F401  (re-exported)
 from kimi_jax.rl.prompt_sampler import PromptSampler
 from kimi_jax.rl.update import TrainState, make_optimizer, make_ref_logprobs, make_train_step
 from kimi_jax.rl.update import set_learning_rate
@@ -77,52 +78,6 @@ def prepare_workdir(workdir: str) -> str:
     raise FileNotFoundError(f"--workdir {workdir}: parent directory {parent} does not exist")
   os.makedirs(workdir, exist_ok=True)
   return workdir
-
-
-def warm_up(s: settings_lib.Settings, params, task: tasks_lib.Task):
-  """Long-CoT SFT on verified traces of the train split (method spec §5)."""
-  from kimi_jax import sft
-  examples = sft.synthetic_examples(task.sft_problems, s.sft_data.n_examples, task.encode,
-                                    long_frac=s.sft_data.long_frac,
-                                    error_rate=s.sft_data.error_rate, seed=s.seed)
-  logging.info("SFT warm-up: %d examples, %d steps", len(examples), s.sft.steps)
-  params, history = sft.run_sft(s.model, params, examples, s.sft, eos_id=task.eos_id)
-  return params, history
-
-
-def initial_params(s: settings_lib.Settings, task: tasks_lib.Task, key,
-                   layout: parallel.Layout):
-  """Starting weights in `layout`: the params of `s.init_from` (any
-  checkpoint; orbax ones restore straight into the layout), the HF checkpoint
-  of `s.hf_path`, else random init + SFT warm-up (if configured). HF loading
-  and the warm-up run whole on every process (the same values on each)."""
-  if s.init_from:
-    t = time.perf_counter()
-    src = params_io.resolve(s.init_from)
-    like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                        parallel.param_shapes(s.model), layout.params())
-    _, params = params_io.load_params(src, s.model, params_like=like)
-    logging.info("Started from %s %s%s in %.0f s", src.kind, src.path,
-                 f" step {src.step}" if src.step is not None else "", time.perf_counter() - t)
-    return distributed.place(params, layout.params()) if src.kind == "hf" else params
-  if s.hf_path:
-    t = time.perf_counter()
-    cfg, params = hf.load_pretrained(s.hf_path, dtype=s.model.dtype,
-                                     param_dtype=s.model.param_dtype,
-                                     scan_layers=s.model.scan_layers)
-    # Settings read the same config.json (the context limit may be raised).
-    if params_io.same_architecture(
-        cfg.replace(max_position_embeddings=s.model.max_position_embeddings), s.model):
-      raise settings_lib.ConfigError(f"config.model.hf_path {s.hf_path}: config.json "
-                                     f"changed since the run was configured")
-    logging.info("Loaded %s in %.0f s", s.hf_path, time.perf_counter() - t)
-    return distributed.place(params, layout.params())
-  if not s.sft_steps:
-    return parallel.init_params(s.model, key, layout)
-  t = time.perf_counter()
-  params, _ = warm_up(s, init_params(s.model, key), task)
-  logging.info("SFT warm-up done in %.0f s", time.perf_counter() - t)
-  return distributed.place(params, layout.params())
 
 
 class Trainer:
@@ -173,6 +128,31 @@ class Trainer:
     scheduler = RolloutScheduler(self.scheduler_cfg, self.prompt_source(sampler))
     return sampler, scheduler
 
+  def prompt_images(self, prompt_idx: int) -> np.ndarray:
+    """float32 `[n, Y, X, C]`: the images of train prompt `prompt_idx`."""
+    return self.task.images(self.train[prompt_idx])
+
+  def with_images(self, state):
+    """The scheduler's state with each row's prompt images (image + text
+    tasks; fresh and carried rows alike: images follow the prompt index)."""
+    if self.task.images is None:
+      return state
+    v = self.s.model.vision
+    pixels = np.zeros((state.num_slots, self.task.image_slots, v.image_size, v.image_size,
+                       v.num_channels), np.float32)
+    for b in np.flatnonzero(state.active_B):
+      x = self.prompt_images(int(state.prompt_idx_B[b]))
+      pixels[b, :len(x)] = x
+    return state.replace(pixels_BSYXC=pixels)
+
+  def image_batch(self) -> dict:
+    """`make_minibatches` / `empty_minibatch` image arguments ({} for text)."""
+    if self.task.images is None:
+      return {}
+    v = self.s.model.vision
+    return dict(image_slots=self.task.image_slots,
+                image_shape=(v.image_size, v.image_size, v.num_channels))
+
   def prompt_source(self, sampler):
     def source(n, iteration):
       return [(i, self.task.encode(self.train[i].prompt)) for i in sampler.sample(n, iteration)]
@@ -185,7 +165,7 @@ class Trainer:
     params = parallel.reshard(params, self.sample_layout)
     kw = dict(encode=t.encode, decode=t.decode, score=t.score, eos_id=t.eos_id,
               max_new_tokens=e.max_new_tokens, verifier_workers=t.verifier_workers,
-              layout=self.sample_layout)
+              layout=self.sample_layout, images=t.images, category=t.category)
     out = evaluate(self.sample_layout.cfg, params, self.heldout, temperature=e.temperature,
                    samples=e.samples, seed=self.s.seed + 7919 * iteration, **kw)
     if e.greedy:
@@ -226,20 +206,21 @@ class Trainer:
     has a group to train on."""
     s = self.s
     n, T, S = self._rows()
-    mbs = batch_lib.make_minibatches(groups, total_GK, minibatch_size=n, length=T,
-                                     loss_segments=s.rl.loss_segments, iteration=iteration,
-                                     samples_per_row=S,
-                                     advantage_std_norm=s.loss.advantage_std_norm)
+    image_batch = self.image_batch()
+    mbs = batch_lib.make_minibatches(
+        groups, total_GK, minibatch_size=n, length=T, loss_segments=s.rl.loss_segments,
+        iteration=iteration, samples_per_row=S, advantage_std_norm=s.loss.advantage_std_norm,
+        images=self.prompt_images if image_batch else None,
+        image_slots=image_batch.get("image_slots", 0))
     # Every process takes the same number of steps; padding rows weigh 0.
     count = distributed.max_over_processes(len(mbs))
     if not count:
       return None, {}
-    mbs += [batch_lib.empty_minibatch(n, T, S) for _ in range(count - len(mbs))]
+    mbs += [batch_lib.empty_minibatch(n, T, S, **image_batch) for _ in range(count - len(mbs))]
     mbs = [distributed.to_global(mb, self.train_layout.batch()) for mb in mbs]
     # pi_theta_i scores every sample once, before any step of this iteration;
     # the first minibatch gets its scores inside the first step (same params).
-    refs = [None] + [self.ref_logprobs(params, mb["tokens_NT"], mb["positions_NT"],
-                                       mb["segment_ids_NT"]) for mb in mbs[1:]]
+    refs = [None] + [self._ref_logprobs(params, mb) for mb in mbs[1:]]
     lr = np.float32(s.update.learning_rate_at(iteration))
     state = TrainState(params=params, opt_state=self.fresh_opt_state(params, lr), step=step,
                        skipped=skipped)
@@ -260,6 +241,10 @@ class Trainer:
     out["train/skipped_total"] = int(distributed.to_local(state.skipped))
     return state, out
 
+  def _ref_logprobs(self, params, mb: dict):
+    return self.ref_logprobs(params, mb["tokens_NT"], mb["positions_NT"], mb["segment_ids_NT"],
+                             mb.get("pixels_NIYXC"), mb.get("image_prompt_NT"))
+
   def _rows(self):
     """(rows per minibatch on this process, row length, samples per row)."""
     s = self.s
@@ -270,9 +255,10 @@ class Trainer:
     """Compile the rollout and update programs now (fixed shapes), not mid-run."""
     s = self.s
     self.engine.warmup(parallel.reshard(params, self.sample_layout), self.scheduler_cfg.num_slots,
-                       s.scheduler.max_length)
-    mb = distributed.to_global(batch_lib.empty_minibatch(*self._rows()), self.train_layout.batch())
-    ref = self.ref_logprobs(params, mb["tokens_NT"], mb["positions_NT"], mb["segment_ids_NT"])
+                       s.scheduler.max_length, self.task.image_slots)
+    mb = distributed.to_global(batch_lib.empty_minibatch(*self._rows(), **self.image_batch()),
+                               self.train_layout.batch())
+    ref = self._ref_logprobs(params, mb)
     for first in (True, False):
       copy = parallel.reshard(params, self.train_layout)  # the step donates its state
       # The donating switches of every iteration, there and back.
@@ -289,7 +275,7 @@ class Trainer:
     t0 = time.perf_counter()
     key = jax.random.fold_in(self.base_key, it)
     params = parallel.reshard(params, self.sample_layout, donate=True)
-    state = scheduler.next_state(it)
+    state = self.with_images(scheduler.next_state(it))
     state, steps = self.engine(params, state, scheduler.budget, it, key)
     groups = scheduler.absorb(state, it, steps)
     params = parallel.reshard(params, self.train_layout, donate=True)

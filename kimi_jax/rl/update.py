@@ -93,16 +93,20 @@ def set_learning_rate(opt_state, lr: float):
 
 def token_logprobs(cfg: ModelConfig, params, tokens_NT: jax.Array, *,
                    positions_NT: Optional[jax.Array] = None,
-                   segment_ids_NT: Optional[jax.Array] = None) -> jax.Array:
+                   segment_ids_NT: Optional[jax.Array] = None, **image_inputs) -> jax.Array:
   """float32 `[N, T]`: log-prob of each token given the ones before it (0 at t=0).
 
   positions_NT / segment_ids_NT: packed rows (`rl.batch`): RoPE positions
   within each sample and its segment id (0 = padding); attention stays
   within a segment. The first token of a segment gets the previous
   segment's score there: it is a prompt token, never in a loss mask.
+  image_inputs: image + text rows, `Transformer.apply`'s image keywords
+  (`_image_inputs` of a Batch's fields; the tower runs in the same forward,
+  so its gradient comes with the LM's).
   """
   hidden_NTD = Transformer(cfg).apply({"params": params}, tokens_NT, positions_BT=positions_NT,
-                                      segment_ids_BT=segment_ids_NT, return_hidden=True)
+                                      segment_ids_BT=segment_ids_NT, return_hidden=True,
+                                      **image_inputs)
   # Score every position against the next token (the last one against a dummy
   # 0) and shift the small [N, T] result, rather than slicing the [N, T, V]
   # logits: the slice's gradient is a pad that XLA materialised over the whole
@@ -132,8 +136,9 @@ def _check_batch(layout: "Layout", N: int, n: int):
 
 
 def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int, layout: Optional["Layout"] = None):
-  """Jitted `(params, tokens_NT, positions_NT=None, segment_ids_NT=None) ->
-  logp_NT`, microbatched to bound memory.
+  """Jitted `(params, tokens_NT, positions_NT=None, segment_ids_NT=None,
+  pixels_NIYXC=None, image_prompt_NT=None) -> logp_NT`, microbatched to
+  bound memory (the image fields as in `rl.batch.Batch`).
 
   With segment ids (the rows of an `rl.batch.Batch`, packed or not) a
   microbatch without any sample token is skipped (log-probs 0), as in the
@@ -141,20 +146,24 @@ def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int, layout: Optional["
   are then taken (and log-probs returned) in it.
   """
 
-  def ref_logprobs(params, tokens_NT, positions_NT=None, segment_ids_NT=None):
+  def ref_logprobs(params, tokens_NT, positions_NT=None, segment_ids_NT=None,
+                   pixels_NIYXC=None, image_prompt_NT=None):
     with _activate(layout):
       if segment_ids_NT is None:
         mb = _microbatches(tokens_NT, microbatch_size)
         out = jax.lax.map(lambda t: token_logprobs(cfg, params, t), mb)
       else:
         rows = jax.tree.map(lambda x: _microbatches(x, microbatch_size),
-                            (tokens_NT, positions_NT, segment_ids_NT))
+                            (tokens_NT, positions_NT, segment_ids_NT, pixels_NIYXC,
+                             image_prompt_NT))
 
         def one(rows_nT):
-          t, p, sid = rows_nT
+          t, p, sid, px, prompt = rows_nT
+          images = _image_inputs(px, prompt)
           return jax.lax.cond(
               jnp.any(sid > 0),
-              lambda: token_logprobs(cfg, params, t, positions_NT=p, segment_ids_NT=sid),
+              lambda: token_logprobs(cfg, params, t, positions_NT=p, segment_ids_NT=sid,
+                                     **images),
               lambda: jnp.zeros(t.shape, jnp.float32))
 
         out = jax.lax.map(one, rows)
@@ -163,14 +172,30 @@ def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int, layout: Optional["
   if layout is None:
     return jax.jit(ref_logprobs)
   batch = layout.batch()
-  jitted = jax.jit(ref_logprobs, in_shardings=(layout.params(), batch, batch, batch),
-                   out_shardings=batch)
+  text = jax.jit(ref_logprobs, in_shardings=(layout.params(), batch, batch, batch),
+                 out_shardings=batch)
+  multimodal = jax.jit(ref_logprobs, in_shardings=(layout.params(),) + (batch,) * 5,
+                       out_shardings=batch)
 
-  def sharded_ref_logprobs(params, tokens_NT, positions_NT=None, segment_ids_NT=None):
+  def sharded_ref_logprobs(params, tokens_NT, positions_NT=None, segment_ids_NT=None,
+                           pixels_NIYXC=None, image_prompt_NT=None):
     _check_batch(layout, tokens_NT.shape[0], microbatch_size)
-    return jitted(params, tokens_NT, positions_NT, segment_ids_NT)
+    if pixels_NIYXC is None:
+      return text(params, tokens_NT, positions_NT, segment_ids_NT)
+    return multimodal(params, tokens_NT, positions_NT, segment_ids_NT, pixels_NIYXC,
+                      image_prompt_NT)
 
   return sharded_ref_logprobs
+
+
+def _image_inputs(pixels_NIYXC, image_prompt_NT) -> dict:
+  """`Transformer.apply`'s image keywords for rows with the image fields of
+  `rl.batch.Batch` ({} for text rows)."""
+  if pixels_NIYXC is None:
+    return {}
+  N, I = pixels_NIYXC.shape[:2]
+  return dict(pixel_values=pixels_NIYXC.reshape((N * I,) + pixels_NIYXC.shape[2:]),
+              images_per_row=I, image_prompt_BT=image_prompt_NT)
 
 
 @flax.struct.dataclass
@@ -225,7 +250,8 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
 
   def micro_loss(params, b: Batch, ref_is_current: bool):
     logp_NT = token_logprobs(cfg, params, b.tokens_NT, positions_NT=b.positions_NT,
-                             segment_ids_NT=b.segment_ids_NT)
+                             segment_ids_NT=b.segment_ids_NT,
+                             **_image_inputs(b.pixels_NIYXC, b.image_prompt_NT))
     if ref_is_current:
       # The iteration's first step runs at theta_i itself: the reference
       # log-probs are this forward pass's, so no separate pass is needed.

@@ -21,6 +21,11 @@ class SFTConfig:
   log_every: `log_fn` cadence in steps (the last step is always logged).
   checkpoint_every: `save_fn` cadence in steps, 0 = only after the last step
     (the job's checkpoints; the RL warm-up saves none).
+  image_slots: image slots per packed row (S), 0 = text only. Every batch's
+    pixels are `[batch_size, S, Y, X, C]` whatever the rows hold (one
+    compiled step); a row takes examples until their images would exceed S.
+  train_vision: train the image encoder (params["vision"]) with the LM;
+    False freezes it (no update at all: it stays bit-identical).
   """
   steps: int = 300
   batch_size: int = 16
@@ -35,6 +40,8 @@ class SFTConfig:
   seed: int = 0
   log_every: int = 20
   checkpoint_every: int = 0
+  image_slots: int = 0
+  train_vision: bool = True
 
   def __post_init__(self):
     def check(name, ok, what):
@@ -43,9 +50,10 @@ class SFTConfig:
     for name in ("steps", "batch_size", "log_every"):
       check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an int >= 1")
     check("seq_len", _is_int(self.seq_len) and self.seq_len >= 2, "an int >= 2")
-    for name in ("warmup_steps", "checkpoint_every"):
+    for name in ("warmup_steps", "checkpoint_every", "image_slots"):
       check(name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "an int >= 0")
     check("seed", _is_int(self.seed), "an int")
+    check("train_vision", isinstance(self.train_vision, (bool, np.bool_)), "a bool")
     check("learning_rate", self.learning_rate > 0, "> 0")
     check("clip_norm", self.clip_norm > 0, "> 0")
     check("weight_decay", self.weight_decay >= 0, ">= 0")

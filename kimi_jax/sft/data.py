@@ -26,7 +26,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from kimi_jax.data import images as images_lib
 from kimi_jax.data import synthetic
+from kimi_jax.data import visual
 from kimi_jax.data.prompts import PromptFileError
 from kimi_jax.sft.packing import Example
 from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
@@ -46,6 +48,33 @@ def synthetic_examples(problems: Sequence[synthetic.Problem], n_examples: int,
   for i in range(n_examples):
     p = problems[i % len(problems)]
     out.append((encode(p.prompt), encode(synthetic.sft_response(p, rng, long_frac, error_rate))))
+  return out
+
+
+def visual_examples(problems: Sequence[visual.VisualProblem], n_examples: int,
+                    tokens_per_image: int, processor: images_lib.ProcessorConfig, *,
+                    long_frac: float = 1.0, error_rate: float = 0.0,
+                    seed: int = 0) -> list[Example]:
+  """`n_examples` image + text Examples cycling over `data/visual.py` problems.
+
+  prompt: byte ids with the image as `tokens_per_image` IMAGE_TOKEN_ID
+  placeholders (`visual.encode_prompt`); response: byte ids of
+  `visual.sft_response` (no eos: `pack` appends it); images: float32
+  `[1, Y, X, C]`, the problem's rendering through `processor`. Examples of
+  one problem share its pixel array (read-only use)."""
+  if not problems:
+    raise ValueError("visual_examples needs at least one problem")
+  rng = np.random.default_rng([seed, 0x5F7])
+  pixels: dict[int, np.ndarray] = {}  # rendering + preprocessing once per problem
+  out = []
+  for i in range(n_examples):
+    k = i % len(problems)
+    p = problems[k]
+    if k not in pixels:
+      pixels[k] = images_lib.preprocess(p.image(), processor)[None]
+    out.append(Example(visual.encode_prompt(p, tokens_per_image),
+                       byte_encode(visual.sft_response(p, rng, long_frac, error_rate)),
+                       pixels[k]))
   return out
 
 

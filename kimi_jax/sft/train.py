@@ -1,12 +1,18 @@
 """SFT training: response-only loss, optimizer, jitted step, the step loop.
 
-Axis legend: N packed rows, T sequence length, V vocab.
+Axis legend: N packed rows, T sequence length, V vocab; with images S image
+slots per row, Y X C pixels.
 
 The library entry point is `run_sft(cfg, params, examples, sft_cfg)`; the
 examples are packed by `kimi_jax.sft.packing` (whose docstring gives the
 loss alignment). A run can be continued from a saved step: pass its
 `opt_state` and `start_step` (the data stream is replayed up to it, so the
 continued run sees the batches an uninterrupted one would have).
+
+Image + text (`ModelConfig.vision`, `SFTConfig.image_slots` S > 0): the
+batch's pixels go through the model's image encoder inside the loss, so the
+tower trains with the LM unless `SFTConfig.train_vision` is False (then it
+gets no gradient and no update).
 """
 from __future__ import annotations
 
@@ -25,22 +31,43 @@ from kimi_jax import progress as progress_lib
 from kimi_jax.models import logits
 from kimi_jax.models.transformer import ModelConfig, Transformer
 from kimi_jax.sft.config import SFTConfig
-from kimi_jax.sft.packing import Example, PackedBatch, batches, pack
+from kimi_jax.sft.packing import Example, PackedBatch, batches, example_images, pack
 
 LogFn = Callable[[int, dict], None]
 SaveFn = Callable[[int, object, object, list], None]  # (step, params, opt_state, history)
+VISION = "vision"  # the image encoder's top-level params key (Transformer.vision)
+
+
+def _is_vision(path) -> bool:
+  return bool(path) and getattr(path[0], "key", None) == VISION
+
+
+def _vision_leaves(params):
+  """A pytree like `params` of Python bools: True at the image encoder's leaves."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _is_vision(path), params)
 
 
 def sft_loss(params, cfg: ModelConfig, batch: PackedBatch):
   """Mean next-token cross-entropy (fp32) over masked targets.
 
+  A batch with pixels (`pack` with image_slots S > 0) feeds them to the
+  model as `[N*S, Y, X, C]`, S per row, placeholders replaced only where
+  `prompt_mask_NT` is True (None: everywhere); the model must have an image
+  encoder (else ValueError at trace time). Text-only batches: the LM alone.
+
   Returns `(loss, metrics)`; metrics: loss, accuracy (greedy token accuracy
   on the masked targets), tokens (number of masked targets), fill (fraction
   of non-padding positions).
   """
+  images = {}
+  if batch.pixels_NSYXC is not None:
+    pixels = batch.pixels_NSYXC
+    N, S = pixels.shape[:2]
+    images = dict(pixel_values=pixels.reshape((N * S,) + pixels.shape[2:]), images_per_row=S,
+                  image_prompt_BT=batch.prompt_mask_NT)
   hidden_NTD = Transformer(cfg).apply(
       {"params": params}, batch.tokens_NT, positions_BT=batch.positions_NT,
-      segment_ids_BT=batch.segment_ids_NT, return_hidden=True)
+      segment_ids_BT=batch.segment_ids_NT, return_hidden=True, **images)
   # Target of t is token t+1; the last column's target is a dummy 0 that the
   # mask always excludes (see kimi_jax/sft/packing.py).
   targets_NT = jnp.pad(batch.tokens_NT[:, 1:], ((0, 0), (0, 1)))
@@ -67,23 +94,48 @@ def lr_schedule(sft_cfg: SFTConfig) -> optax.Schedule:
 
 
 def make_optimizer(sft_cfg: SFTConfig) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW on `lr_schedule` (no decay on vectors)."""
-  return optax.chain(
+  """Global-norm clipping, then AdamW on `lr_schedule` (no decay on vectors).
+
+  With `train_vision=False` params["vision"] get a zero update and no
+  optimizer state, and the clipping norm is the LM's alone (multi_transform
+  hands each branch only its own leaves). The default keeps the plain chain,
+  so text-only opt_states are laid out as before.
+  """
+  inner = optax.chain(
       optax.clip_by_global_norm(sft_cfg.clip_norm),
       optax.adamw(lr_schedule(sft_cfg), b1=sft_cfg.b1, b2=sft_cfg.b2,
                   weight_decay=sft_cfg.weight_decay,
                   mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)))
+  if sft_cfg.train_vision:
+    return inner
+  return optax.multi_transform(
+      {"train": inner, "frozen": optax.set_to_zero()},
+      lambda p: jax.tree.map(lambda v: "frozen" if v else "train", _vision_leaves(p)))
 
 
-def make_sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation):
+def make_sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                  train_vision: bool = True):
   """Jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`;
-  params and opt_state are donated. metrics add grad_norm (before clipping)."""
+  params and opt_state are donated. metrics add grad_norm (before clipping).
+
+  train_vision=False: params["vision"] come out as they went in (pair it
+  with `make_optimizer` of the same setting)."""
 
   def step(params, opt_state, batch: PackedBatch):
-    grads, metrics = jax.grad(sft_loss, has_aux=True)(params, cfg, batch)
+    frozen = None if train_vision else _vision_leaves(params)
+
+    def loss_fn(p):
+      if frozen is not None:  # no backward pass through a frozen tower
+        p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, frozen)
+      return sft_loss(p, cfg, batch)
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, dict(metrics, grad_norm=optax.global_norm(grads))
+    new_params = optax.apply_updates(params, updates)
+    if frozen is not None:
+      # Keep the frozen leaves themselves: even a zero update turns -0.0 into +0.0.
+      new_params = jax.tree.map(lambda n, o, f: o if f else n, new_params, params, frozen)
+    return new_params, opt_state, dict(metrics, grad_norm=optax.global_norm(grads))
 
   return jax.jit(step, donate_argnums=(0, 1))
 
@@ -98,7 +150,42 @@ def optimizer_and_step(cfg: ModelConfig, sft_cfg: SFTConfig):
 @functools.lru_cache(maxsize=8)
 def _optimizer_and_step(cfg: ModelConfig, sft_cfg: SFTConfig):
   optimizer = make_optimizer(sft_cfg)
-  return optimizer, make_sft_step(cfg, optimizer)
+  return optimizer, make_sft_step(cfg, optimizer, sft_cfg.train_vision)
+
+
+def image_shape(cfg: ModelConfig) -> Optional[tuple[int, int, int]]:
+  """`(Y, X, C)` of the pixels the model's image encoder takes (None: text only)."""
+  v = cfg.vision
+  return None if v is None else (v.image_size, v.image_size, v.num_channels)
+
+
+def check_examples(cfg: ModelConfig, examples: Sequence[Example], sft_cfg: SFTConfig) -> None:
+  """ValueError, naming the example, unless the examples' images suit the
+  model: images (or image_slots > 0) need `cfg.vision`, pixels of the
+  encoder's shape, and each prompt's placeholders (`cfg.image_token_id`)
+  must be exactly `tokens_per_image` per image (a mismatch would silently
+  leave placeholders as tokens or drop images inside the jitted loss)."""
+  if sft_cfg.image_slots and cfg.vision is None:
+    raise ValueError(f"SFTConfig.image_slots={sft_cfg.image_slots} but the model has no image "
+                     "encoder (ModelConfig.vision is None)")
+  shape = image_shape(cfg)
+  per_image = None if cfg.vision is None else cfg.vision.tokens_per_image
+  for i, example in enumerate(examples):
+    images = example_images(example, f"example {i}")
+    n = 0 if images is None else images.shape[0]
+    if n and cfg.vision is None:
+      raise ValueError(f"example {i} has {n} images but the model has no image encoder "
+                       "(ModelConfig.vision is None)")
+    if cfg.vision is None:
+      continue
+    if n and tuple(images.shape[1:]) != shape:
+      raise ValueError(f"example {i}: images of shape {tuple(images.shape[1:])} but the image "
+                       f"encoder takes {shape} (Y, X, C)")
+    count = int(np.sum(np.asarray(example[0]) == cfg.image_token_id))
+    if count != n * per_image:
+      raise ValueError(f"example {i}: {count} image placeholder tokens (id "
+                       f"{cfg.image_token_id}) in the prompt but {n} images x {per_image} = "
+                       f"{n * per_image}")
 
 
 def run_sft(cfg: ModelConfig, params, examples: Sequence[Example], sft_cfg: SFTConfig, *,
@@ -107,7 +194,9 @@ def run_sft(cfg: ModelConfig, params, examples: Sequence[Example], sft_cfg: SFTC
             save_fn: Optional[SaveFn] = None):
   """SFT of `params` on packed `examples` for `sft_cfg.steps` steps.
 
-  eos_id defaults to `cfg.eos_id`. The caller's `params` stay valid (the
+  eos_id defaults to `cfg.eos_id`. Examples with images (`Example.images`)
+  need an image + text `cfg` and `sft_cfg.image_slots` >= the most images
+  of one example (`check_examples` says what does not fit). The caller's `params` stay valid (the
   loop donates a copy). Deterministic for a given `sft_cfg.seed` and params.
   To continue a run, pass the `params` and `opt_state` saved after step
   `start_step`. `save_fn(step, params, opt_state, history)` is called every
@@ -124,7 +213,9 @@ def run_sft(cfg: ModelConfig, params, examples: Sequence[Example], sft_cfg: SFTC
   if not 0 <= start_step <= sft_cfg.steps or (start_step and opt_state is None):
     raise ValueError(f"run_sft: start_step {start_step} needs 0 <= start_step <= "
                      f"{sft_cfg.steps} and, when > 0, the saved opt_state")
-  _, skipped = pack(examples, sft_cfg.seq_len, eos_id, pad_id)
+  check_examples(cfg, examples, sft_cfg)
+  shape = image_shape(cfg) if sft_cfg.image_slots else None
+  _, skipped = pack(examples, sft_cfg.seq_len, eos_id, pad_id, sft_cfg.image_slots, shape)
   if skipped == len(examples):
     raise ValueError(f"all {skipped} SFT examples are longer than seq_len={sft_cfg.seq_len}")
   if skipped:
@@ -138,7 +229,7 @@ def run_sft(cfg: ModelConfig, params, examples: Sequence[Example], sft_cfg: SFTC
   lrs = np.asarray(jax.vmap(schedule)(jnp.arange(sft_cfg.steps)))
   # Replaying the host-side stream (packing only) puts a continued run on the
   # batches an uninterrupted run would have seen.
-  stream = itertools.islice(batches(examples, sft_cfg, eos_id, pad_id), start_step, None)
+  stream = itertools.islice(batches(examples, sft_cfg, eos_id, pad_id, shape), start_step, None)
   history: list[dict] = []
   bar = progress_lib.bar(total=sft_cfg.steps, initial=start_step, desc="sft",
                          disable=not progress)
