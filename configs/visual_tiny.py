@@ -72,7 +72,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.checkpoint_every = 2
     c.data.n_train, c.data.n_heldout = 200, 20
     c.sft.steps, c.sft.n_examples, c.sft.warmup_steps = 10, 200, 2
-    c.rollout.num_slots, c.rollout.segment_budget = 16, 32
+    # Rows of ~35-token prompts stop at 96 tokens within two 32-token
+    # segments: carried rows re-prefill with their images, groups finish
+    # and iteration 2 trains.
+    c.rollout.num_slots, c.rollout.segment_budget, c.rollout.max_length = 16, 32, 96
     c.rl.minibatch_size, c.optim.microbatch_size = 16, 16
     c.eval.samples, c.eval.max_new_tokens = 1, 48
   elif arg:

@@ -130,7 +130,7 @@ def encode_prompt(vocab: seqio.Vocabulary, text: str, add_bos: bool = False,
   """
   ids = [int(i) for i in vocab.encode(text)]
   if add_bos:
-    bos_id = _bos_id_or_none(vocab)
+    bos_id = bos_id_or_none(vocab)
     if bos_id is None:
       raise ValueError(f"add_bos=True but {vocab} has no BOS token")
     ids = [bos_id] + ids
@@ -173,7 +173,7 @@ def _require_file(path: str, gfile: Any) -> None:
     raise FileNotFoundError(f"vocabulary file {path!r} does not exist")
 
 
-def _bos_id_or_none(vocab: seqio.Vocabulary) -> Optional[int]:
+def bos_id_or_none(vocab: seqio.Vocabulary) -> Optional[int]:
   """seqio spells "no BOS" three ways: None, -1 (SentencePiece), or raising."""
   try:
     bos_id = vocab.bos_id

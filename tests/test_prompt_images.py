@@ -1,155 +1,113 @@
-"""Prompts with images: the `images` field of the JSONL schema, its errors,
-and its way through the TFDS builder and seqio tasks."""
-import base64
-import io
+"""Prompt files with images: a tiny random LLaVA directory, PNG prompts, the recipe's smoke run."""
+import dataclasses
 import json
 import os
-import pathlib
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from kimi_jax.data import images
-from kimi_jax.data import prompts
-from kimi_jax.data.prompts import Prompt, PromptFileError
+import jax
 
-DATA = pathlib.Path(__file__).parent / "data"
+from configs import llava_qwen2_images
+from kimi_jax.data import images as images_lib
+from kimi_jax.models import hf_llava
+from kimi_jax.models.transformer import init_params
+from kimi_jax.rl import settings, tasks, trainer
+from kimi_jax.rl.config_check import ConfigError
+from multimodal_models import tiny_config
 
-
-def _png_bytes(seed=0, size=(5, 4)) -> bytes:
-  buf = io.BytesIO()
-  pixels = np.random.default_rng(seed).integers(0, 256, size[::-1] + (3,), dtype=np.uint8)
-  Image.fromarray(pixels).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def _uri(seed=0) -> str:
-  return "data:image/png;base64," + base64.b64encode(_png_bytes(seed)).decode()
-
-
-@pytest.fixture()
-def image_set(tmp_path):
-  """A prompt file in tmp/set/ with images in tmp/set/img/ and one inline."""
-  root = tmp_path / "set"
-  (root / "img").mkdir(parents=True)
-  (root / "img" / "a.png").write_bytes(_png_bytes(1))
-  (root / "img" / "b.png").write_bytes(_png_bytes(2, (7, 3)))
-  lines = [
-      {"id": "one", "type": "math", "prompt": "How many dots?", "answer": "3",
-       "images": ["img/a.png"]},
-      {"id": "two", "type": "math", "prompt": "Left <image> or right <image>?",
-       "answer": "left", "images": ["img/b.png", _uri(3)]},
-      {"id": "none", "type": "math", "prompt": "1+1=", "answer": "2"},
-  ]
-  path = root / "prompts.jsonl"
-  path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-  return path
+EOS, IMAGE = "<|endoftext|>", "<image>"
+TRAIN = [
+    dict(id="v1", type="math", prompt="<image>How many red dots? Answer in \\boxed{}.",
+         answer="2", images=["img/a.png"], difficulty=0.3),
+    dict(id="v2", type="true_false", prompt="True or false: the image is dark.", answer="true",
+         images=["img/b.png"], difficulty=0.6),  # no marker: the image comes first
+    dict(id="t1", type="math", prompt="What is 2+3? Answer in \\boxed{}.", answer="5",
+         difficulty=0.2),  # text only, in the same set
+]
+HELDOUT = [dict(id="h1", type="math", prompt="<image>Count the dots.", answer="1",
+                images=["img/a.png"], difficulty=0.4)]
 
 
-def test_images_are_read_and_resolved(image_set):
-  read = prompts.read_jsonl(image_set).prompts
-  root = image_set.parent
-  assert read[0].images == (str(root / "img" / "a.png"),)
-  assert read[1].images[0] == str(root / "img" / "b.png") and read[1].images[1] == _uri(3)
-  assert read[2].images == ()
-  assert images.load_image(read[1].images[1]).size == (5, 4)
-  assert "images" not in read[2].to_json()
-  hash(read[1])  # images are left out of the hash (inline data can be large)
+def _tiny_llava(directory):
+  """A random LLaVA (SigLIP 16 px tower + Qwen2 LM) with a tokenizer whose
+  `<image>` special token is the placeholder id, and a 16 px processor."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator([r["prompt"] for r in TRAIN + HELDOUT] * 4, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=[EOS, IMAGE],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  directory.mkdir()
+  tok.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))
+  cfg = tiny_config(vocab_size=320, family="qwen2", qkv_bias=True, tie_embeddings=True,
+                    eos_id=tok.token_to_id(EOS), image_token_id=tok.token_to_id(IMAGE))
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  hf_llava.save_pretrained(cfg, params, directory / "model",
+                           processor=images_lib.ProcessorConfig(height=16, width=16))
+  for name in os.listdir(directory / "model"):
+    os.rename(directory / "model" / name, directory / name)
+  os.rmdir(directory / "model")
+  return cfg
 
 
-def test_write_read_round_trip_survives_moving_the_set(image_set, tmp_path):
-  read = prompts.read_jsonl(image_set).prompts
-  prompts.write_jsonl(read, image_set.parent / "copy.jsonl")
-  written = [json.loads(line) for line in (image_set.parent / "copy.jsonl").read_text().splitlines()]
-  assert written[0]["images"] == ["img/a.png"]  # relative to the file again
-  moved = pathlib.Path(shutil.copytree(image_set.parent, tmp_path / "moved"))
-  again = prompts.read_jsonl(moved / "copy.jsonl").prompts
-  assert again[0].images == (str(moved / "img" / "a.png"),)
-  assert [p.id for p in again] == [p.id for p in read] and again[1].images[1] == _uri(3)
+def _prompt_files(tmp_path):
+  (tmp_path / "img").mkdir()
+  rng = np.random.default_rng(0)
+  for name in ("a", "b"):
+    Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(
+        tmp_path / "img" / f"{name}.png")
+  for name, rows in (("train", TRAIN), ("heldout", HELDOUT)):
+    (tmp_path / f"{name}.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
 
 
-def _bad_line(tmp_path, **fields):
-  (tmp_path / "ok.png").write_bytes(_png_bytes())
-  (tmp_path / "broken.png").write_bytes(_png_bytes()[:30])
-  obj = {"id": "x", "type": "math", "prompt": "q", "answer": "1", **fields}
-  path = tmp_path / "p.jsonl"
-  path.write_text(json.dumps({"id": "fine", "type": "math", "prompt": "q", "answer": "1"})
-                  + "\n" + json.dumps(obj) + "\n")
-  return path
+def _config(tmp_path):
+  cfg = _tiny_llava(tmp_path / "llava")
+  _prompt_files(tmp_path)
+  c = llava_qwen2_images.get_config("smoke")
+  c.model.hf_path = str(tmp_path / "llava")
+  c.data.train_file = str(tmp_path / "train.jsonl")
+  c.data.heldout_file = str(tmp_path / "heldout.jsonl")
+  return c, cfg
 
 
-@pytest.mark.parametrize("fields,message", [
-    (dict(images="ok.png"), r"field 'images': expected a list of image paths"),
-    (dict(images=["ok.png", 3]), r"field 'images\[1\]': expected a path or data URI, got 3"),
-    (dict(images=["ok.png", ""]), r"field 'images\[1\]': expected a path or data URI"),
-    (dict(images=["ok.png", "missing.png"]), r"field 'images\[1\]': image file .*missing.png "
-     "does not exist"),
-    (dict(images=["broken.png"]), r"field 'images\[0\]': .*broken.png: cannot decode image"),
-    (dict(images=["data:image/png;base64,AAAA"]), r"field 'images\[0\]': data:image.*cannot "
-     "decode"),
-    (dict(images=["data:image/png;base64,%%"]), r"field 'images\[0\]': .*not valid base64"),
-    (dict(images=["ok.png"], prompt="<image> vs <image>"),
-     r"field 'images': 1 images but the prompt has 2 '<image>' markers"),
-    (dict(prompt="what is <image>?"), r"field 'images': 0 images but the prompt has 1"),
-    (dict(image=["ok.png"]), r"field 'image': unknown field; did you mean 'images'\?"),
-])
-def test_bad_images_name_file_line_and_field(tmp_path, fields, message):
-  path = _bad_line(tmp_path, **fields)
-  with pytest.raises(PromptFileError, match=f"{path}:2: {message}"):
-    prompts.read_jsonl(path)
-  assert len(prompts.read_jsonl(path, skip_invalid=True)) == 1
+def test_prompt_file_task_encodes_markers_and_reads_pixels(tmp_path):
+  c, cfg = _config(tmp_path)
+  s = settings.from_config(c)
+  # The tower computes in the recipe's dtype, like the LM.
+  assert s.model.vision == cfg.vision.replace(dtype="bfloat16")
+  assert s.model.image_token_id == cfg.image_token_id
+  task = tasks.make_task(s)
+  by_id = {p.id: p for p in task.train}
+  assert task.image_slots == 1 and task.category(by_id["v2"]) == "true_false"
+  ids = task.encode(by_id["v2"].prompt)  # no marker in the file: the image first
+  assert ids[:4] == [cfg.image_token_id] * 4 and cfg.image_token_id not in ids[4:]
+  assert task.encode(by_id["t1"].prompt).count(cfg.image_token_id) == 0
+  pixels = task.images(by_id["v1"])
+  want = images_lib.preprocess(images_lib.load_image(str(tmp_path / "img" / "a.png")),
+                               images_lib.ProcessorConfig(height=16, width=16))
+  np.testing.assert_array_equal(pixels[0], want)
+  assert task.images(by_id["t1"]).shape == (0, 16, 16, 3)
 
 
-def test_prompt_built_in_code_checks_structure_not_files():
-  p = Prompt(id="a", type="math", prompt="<image>?", answer="1", images=["not/opened.png"])
-  assert p.images == ("not/opened.png",)
-  with pytest.raises(PromptFileError, match=r"Prompt 'a': field 'images': 2 images"):
-    Prompt(id="a", type="math", prompt="<image>?", answer="1", images=["x.png", "y.png"])
+def test_images_with_a_text_only_model_are_a_config_error(tmp_path):
+  c, _ = _config(tmp_path)
+  c.data.image_processor = str(tmp_path / "llava")
+  s = settings.from_config(c)
+  s = dataclasses.replace(s, model=s.model.language_model)
+  with pytest.raises(ConfigError, match="has images but the model has no image encoder"):
+    tasks.make_task(s)
 
 
-def test_text_prompts_do_not_import_pil():
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  code = ("import sys; from kimi_jax.data import prompts; "
-          "prompts.Prompt(id='a', type='math', prompt='q', answer='1'); "
-          "assert 'PIL' not in sys.modules")
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=DATA.parent.parent,
-                 env={**os.environ, "PYTHONPATH": str(DATA.parent.parent)})
-
-
-# ------------------------------------------------------------ TFDS / seqio
-
-
-@pytest.fixture(scope="module")
-def pipelines():
-  from kimi_jax.data import prompt_pipelines  # pylint: disable=g-import-not-at-top
-  return prompt_pipelines
-
-
-def _numpy_examples(ds):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return list(tfds.as_numpy(ds))
-
-
-def test_tfds_and_seqio_carry_the_image_bytes(pipelines, image_set, tmp_path):
-  expected = prompts.read_jsonl(image_set).prompts
-  task = pipelines.register_task("test_image_prompts", image_set, "bytes",
-                                 max_prompt_length=1000, data_dir=str(tmp_path / "tfds"))
-  examples = _numpy_examples(task.get_dataset(split="train", shuffle=False))
-  assert [len(e["images"]) for e in examples] == [1, 2, 0]
-  assert examples[0]["images"][0] == (image_set.parent / "img" / "a.png").read_bytes()
-  back = [pipelines.prompt_from_example(e) for e in examples]
-  for got, want in zip(back, expected):
-    assert got.to_json() | {"images": None} == want.to_json() | {"images": None}
-    assert [images.image_bytes(r) for r in got.images] == [images.image_bytes(r)
-                                                           for r in want.images]
-  assert back[0].images[0].startswith("data:image/png;base64,")
-
-
-def test_editing_an_image_gives_a_fresh_config(pipelines, image_set):
-  before = pipelines.prompt_set_config(image_set).name
-  assert pipelines.prompt_set_config(image_set).name == before
-  (image_set.parent / "img" / "a.png").write_bytes(_png_bytes(9, (6, 6)))
-  assert pipelines.prompt_set_config(image_set).name != before
+@pytest.mark.slow
+def test_llava_recipe_smoke_runs_on_image_prompts(tmp_path):
+  c, _ = _config(tmp_path)
+  rows = trainer.run(c, str(tmp_path / "run"))
+  assert [r["iteration"] for r in rows] == [0, 1, 2]
+  assert "eval/accuracy_task/math" in rows[0]
+  trained = [r for r in rows[1:] if r.get("train/steps", 0) > 0]
+  assert trained, "no group finished within the smoke run"
+  assert all(np.isfinite(r["train/loss"]) for r in trained)

@@ -194,17 +194,21 @@ def make_splits(seed: int, n_train: int, n_heldout: int,
     return [base + (i < extra) for i in range(len(cells))]
 
   train, heldout = [], []
+  # Ids are unique over the whole split: two levels of a task can draw the
+  # same scene and question (a prompt sampler keys its statistics by id).
+  taken = set()
   for (task, d), n_tr, n_ho in zip(cells, shares(n_train), shares(n_heldout)):
     for side, n, out in ((True, n_ho, heldout), (False, n_tr, train)):
       rng = np.random.default_rng([seed, zlib.crc32(task.encode()), d, int(side)])
-      seen = set()
+      got = 0
       for _ in range(50 * n + 200):  # tiny cells (2 bars) run out: return fewer
-        if len(seen) == n:
+        if got == n:
           break
         p = make_problem(task, rng, d)
-        if p.id not in seen and _is_heldout(seed, p.id, heldout_frac) == side:
-          seen.add(p.id)
+        if p.id not in taken and _is_heldout(seed, p.id, heldout_frac) == side:
+          taken.add(p.id)
           out.append(p)
+          got += 1
   order = np.random.default_rng([seed, 0x5EED]).permutation(len(train))
   return [train[i] for i in order], heldout
 

@@ -89,6 +89,10 @@ class PromptFileData:
   add_bos: prepend the tokenizer's BOS to every prompt (Llama 3 expects it).
   verifier_workers: responses scored in parallel (code sandbox, math worker).
   math_timeout_s, code_timeout_s: per equivalence check / per code test.
+  image_processor: for prompts with images (rl/prompt_images.py): the
+    preprocessor_config.json (or its directory) of the checkpoint; "" = the
+    tokenizer's directory when it holds one, else SigLIP's 0.5 mean/std at
+    the tower's resolution.
   """
   train_file: str
   heldout_file: str
@@ -98,6 +102,7 @@ class PromptFileData:
   verifier_workers: int = 2
   math_timeout_s: float = 5.0
   code_timeout_s: float = 5.0
+  image_processor: str = ""  # prompts with images: a preprocessor_config.json (or its dir)
 
   def __post_init__(self):
     for name in ("train_file", "heldout_file", "tokenizer"):

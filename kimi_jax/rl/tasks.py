@@ -21,6 +21,7 @@ from absl import logging
 
 from kimi_jax.data import synthetic
 from kimi_jax.rl import rewards as rewards_lib
+from kimi_jax.rl import prompt_images
 from kimi_jax.rl import settings as settings_lib
 from kimi_jax.rl import visual_task
 from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
@@ -116,9 +117,13 @@ def prompt_file_task(s: settings_lib.Settings) -> Task:
 
   verifier = rewards_lib.PromptVerifier(math_timeout_s=d.math_timeout_s,
                                         code_timeout_s=d.code_timeout_s)
-  return Task(train.prompts, heldout.prompts, encode, decode, int(vocab.eos_id),
+  task = Task(train.prompts, heldout.prompts, encode, decode, int(vocab.eos_id),
               vocab.vocab_size, verifier, verifier_workers=d.verifier_workers,
               skipped_prompts=train.skipped + heldout.skipped)
+  # Prompts with images: placeholders at the markers, pixels per record.
+  return prompt_images.with_images(
+      task, d, s.model, encode_text=lambda text: tokenizers.encode_prompt(vocab, text),
+      bos_id=tokenizers.bos_id_or_none(vocab) if d.add_bos else None)
 
 
 def make_task(s: settings_lib.Settings) -> Task:
