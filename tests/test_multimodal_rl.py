@@ -133,6 +133,24 @@ def test_update_trains_the_tower_and_its_first_step_reference_is_exact(model):
   assert abs(float(m3["train/grad_norm"]) - float(m2["train/grad_norm"])) > 1e-6
 
 
+def test_a_frozen_tower_stays_bit_identical(model):
+  cfg, params = model
+  mb = _minibatch(2)
+  ucfg = UpdateConfig(learning_rate=1e-2, microbatch_size=4, train_vision=False,
+                      weight_decay=0.1)
+  opt = make_optimizer(ucfg)
+  step = make_train_step(cfg, losses.LossConfig(tau=0.5), ucfg, opt)
+  state = TrainState(params=jax.tree.map(jnp.copy, params), opt_state=opt.init(params),
+                     step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+  for _ in range(2):
+    state, _ = step(state, _batch(mb, jnp.zeros((8, 32), jnp.float32)), ref_is_current=True)
+  same = jax.tree.map(lambda a, b: bool((np.asarray(a).view(np.uint32)
+                                         == np.asarray(b).view(np.uint32)).all()),
+                      state.params["vision"], params["vision"])
+  assert all(jax.tree.leaves(same))
+  assert float(jnp.abs(state.params["embed"] - params["embed"]).max()) > 0
+
+
 def test_evaluation_with_images_reports_each_task(model):
   cfg, params = model
 

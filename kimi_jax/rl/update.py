@@ -40,6 +40,8 @@ from kimi_jax.rl.batch import Batch
 if TYPE_CHECKING:
   from kimi_jax.parallel import Layout
 
+VISION = "vision"  # the image encoder's params (Transformer.vision)
+
 
 @dataclasses.dataclass(frozen=True)
 class UpdateConfig:
@@ -49,6 +51,9 @@ class UpdateConfig:
     `learning_rate_at` (linear warm-up over `warmup_iterations`, then constant).
   microbatch_size: samples per forward/backward pass (memory bound); the
     minibatch size must be a multiple of it.
+  train_vision: image + text models: False freezes the image encoder
+    (params["vision"]: no gradient, returned unchanged), True trains it with
+    the LM.
   """
   learning_rate: float = 1e-4
   warmup_iterations: int = 0
@@ -57,6 +62,7 @@ class UpdateConfig:
   weight_decay: float = 0.0
   clip_norm: float = 1.0
   microbatch_size: int = 16
+  train_vision: bool = True
 
   def __post_init__(self):
     if not self.learning_rate > 0:
@@ -249,6 +255,8 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
                                          shardings=layout.params())
 
   def micro_loss(params, b: Batch, ref_is_current: bool):
+    if not update_cfg.train_vision and VISION in params:
+      params = dict(params, vision=jax.lax.stop_gradient(params[VISION]))
     logp_NT = token_logprobs(cfg, params, b.tokens_NT, positions_NT=b.positions_NT,
                              segment_ids_NT=b.segment_ids_NT,
                              **_image_inputs(b.pixels_NIYXC, b.image_prompt_NT))
@@ -295,6 +303,9 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
         accumulate, (zeros, jnp.zeros(()), aux_zero, jnp.zeros(2)), mbs)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if not update_cfg.train_vision and VISION in params:
+      # A zero gradient is not a zero update (AdamW's decay, -0.0): keep the tower.
+      params = dict(params, vision=state.params[VISION])
     finite = opt_state.last_finite
     metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
                "train/update_finite": finite.astype(jnp.float32),
