@@ -218,10 +218,15 @@ def _launch(workdir, fault=None):
   if fault:
     env[faults.ENV] = fault
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.run([sys.executable, "-m", "launch.train",
-                         "--config=configs/visual_tiny.py:smoke", f"--workdir={workdir}"],
-                        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                        text=True, timeout=1200, check=False)
+  return subprocess.Popen([sys.executable, "-m", "launch.train",
+                           "--config=configs/visual_tiny.py:smoke", f"--workdir={workdir}"],
+                          cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _finish(proc):
+  out, _ = proc.communicate(timeout=1200)
+  return proc.returncode, out
 
 
 def _rows(workdir):
@@ -237,15 +242,16 @@ def test_visual_smoke_run_resumes_exactly_after_sigkill(tmp_path):
   rollouts with images, updates, per-task evaluation), killed at the start
   of iteration 3 and resumed from checkpoint 2: the same metrics bit for bit."""
   import signal
-  ref = _launch(tmp_path / "ref")
-  assert ref.returncode == 0, ref.stdout[-3000:]
+  # The reference and the run to kill side by side: their compiles overlap.
+  ref, killed = _launch(tmp_path / "ref"), _launch(tmp_path / "run", fault="iteration@3")
+  (rc, out), (killed_rc, killed_out) = _finish(ref), _finish(killed)
+  assert rc == 0, out[-3000:]
+  assert killed_rc == -signal.SIGKILL, killed_out[-3000:]
   want = _rows(tmp_path / "ref")
   assert [r["iteration"] for r in want] == [0, 1, 2, 3]
   assert any(k.startswith("eval/accuracy_task/") for k in want[0])
   assert any(r.get("train/steps", 0) > 0 for r in want), "no update ran"
   assert (tmp_path / "ref" / "plots" / "accuracy_by_task.png").exists()
-  killed = _launch(tmp_path / "run", fault="iteration@3")
-  assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
-  resumed = _launch(tmp_path / "run")
-  assert resumed.returncode == 0 and "Resumed from iteration 2" in resumed.stdout
+  rc, out = _finish(_launch(tmp_path / "run"))
+  assert rc == 0 and "Resumed from iteration 2" in out, out[-3000:]
   assert _rows(tmp_path / "run") == want
