@@ -106,3 +106,14 @@ def check_image_placeholders(tokens_BT, num_images: int, tokens_per_image: int,
                 f"a multiple of {P} patches, at most {images_per_row} images")
       raise ValueError(f"row {b}: {count} image placeholder tokens (id {image_token_id}), "
                        f"expected {expect}")
+
+
+def slot_inputs(pixels_NSYXC, prompt_NT) -> dict:
+  """`Transformer.apply`'s image keywords for rows with S static image slots:
+  pixels float32 `[N, S, Y, X, C]` (None: text rows, {}), bool `prompt_NT`
+  the positions whose placeholders take image features."""
+  if pixels_NSYXC is None:
+    return {}
+  N, S = pixels_NSYXC.shape[:2]
+  return dict(pixel_values=pixels_NSYXC.reshape((N * S,) + pixels_NSYXC.shape[2:]),
+              images_per_row=S, image_prompt_BT=prompt_NT)

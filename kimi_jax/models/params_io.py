@@ -42,6 +42,8 @@ HF_CONFIG_NAME = "config.json"  # kimi_jax.models.hf.CONFIG_NAME (not imported: 
 NON_ARCHITECTURE_FIELDS = ("dtype", "param_dtype", "bos_id", "eos_id", "pad_id"
                            ) + LONG_CONTEXT_FIELDS
 PathLike = Union[str, os.PathLike]
+# ModelConfig fields that are dataclasses themselves (dicts in JSON and configs).
+NESTED_CONFIGS = {"rope_scaling": RopeScaling, "vision": VisionConfig}
 
 
 def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -57,20 +59,14 @@ def config_from_dict(d: Mapping[str, Any], source: str = "model config") -> Mode
   if unknown:
     raise ValueError(f"{source}: unknown ModelConfig fields {unknown}")
   d = dict(d)
-  if d.get("rope_scaling") is not None:
-    rope = d["rope_scaling"]
-    rope_fields = {f.name for f in dataclasses.fields(RopeScaling)}
-    if not isinstance(rope, Mapping) or set(rope) - rope_fields:
-      raise ValueError(f"{source}: rope_scaling must be a dict with keys from "
-                       f"{sorted(rope_fields)}, got {rope!r}")
-    d["rope_scaling"] = RopeScaling(**rope)
-  if d.get("vision") is not None:
-    vision = d["vision"]
-    vision_fields = {f.name for f in dataclasses.fields(VisionConfig)}
-    if not isinstance(vision, Mapping) or set(vision) - vision_fields:
-      raise ValueError(f"{source}: vision must be a dict with keys from "
-                       f"{sorted(vision_fields)}, got {vision!r}")
-    d["vision"] = VisionConfig(**vision)
+  for key, cls in NESTED_CONFIGS.items():
+    if d.get(key) is None:
+      continue
+    known = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(d[key], Mapping) or set(d[key]) - known:
+      raise ValueError(f"{source}: {key} must be a dict with keys from {sorted(known)}, "
+                       f"got {d[key]!r}")
+    d[key] = cls(**d[key])
   try:
     return ModelConfig(**d)
   except TypeError as e:  # a required field is missing
@@ -221,10 +217,9 @@ def config_for(src: Source, model: Optional[Mapping[str, Any]] = None, *,
   only repeating it. A run without model_config.json takes `model` whole.
   ValueError names `what.KEY` and the checkpoint's file on disagreement."""
   model = dict(model or {})
-  if isinstance(model.get("rope_scaling"), Mapping):
-    model["rope_scaling"] = RopeScaling(**model["rope_scaling"])
-  if isinstance(model.get("vision"), Mapping):
-    model["vision"] = VisionConfig(**model["vision"])
+  for key, cls in NESTED_CONFIGS.items():
+    if isinstance(model.get(key), Mapping):
+      model[key] = cls(**model[key])
   cfg = _source_config(src, param_dtype=model.get("param_dtype", "float32"))
   if cfg is None:
     if not model:

@@ -259,6 +259,7 @@ class Transformer(nn.Module):
           "lm_head", nn.with_logical_partitioning(_kernel_init(), ("embed", "vocab")),
           (cfg.hidden_size, cfg.vocab_size), pd)
     if cfg.vision is not None:
+      # Its params land under vision_lib.PARAMS_KEY, this attribute's name.
       self.vision = vision_lib.VisionEncoder(cfg.vision, cfg.hidden_size)
 
   def encode_images(self, pixel_values: jax.Array) -> jax.Array:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from kimi_jax.models.image_placeholders import (  # noqa: F401  (re-exported)
     check_image_placeholders, merge_image_features)
 
+PARAMS_KEY = "vision"  # the encoder's top-level key in a multimodal model's params
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # HF names: tanh approximation, exact erf
 FEATURE_SELECT = ("full", "default")  # HF vision_feature_select_strategy
 

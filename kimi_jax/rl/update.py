@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kimi_jax.models import logits
+from kimi_jax.models import image_placeholders, logits, vision
 from kimi_jax.models.transformer import ModelConfig, Transformer
 from kimi_jax.rl import losses
 from kimi_jax.rl.batch import Batch
@@ -40,7 +40,7 @@ from kimi_jax.rl.batch import Batch
 if TYPE_CHECKING:
   from kimi_jax.parallel import Layout
 
-VISION = "vision"  # the image encoder's params (Transformer.vision)
+VISION = vision.PARAMS_KEY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +107,8 @@ def token_logprobs(cfg: ModelConfig, params, tokens_NT: jax.Array, *,
   within a segment. The first token of a segment gets the previous
   segment's score there: it is a prompt token, never in a loss mask.
   image_inputs: image + text rows, `Transformer.apply`'s image keywords
-  (`_image_inputs` of a Batch's fields; the tower runs in the same forward,
-  so its gradient comes with the LM's).
+  (`image_placeholders.slot_inputs` of a Batch's fields; the tower runs in
+  the same forward, so its gradient comes with the LM's).
   """
   hidden_NTD = Transformer(cfg).apply({"params": params}, tokens_NT, positions_BT=positions_NT,
                                       segment_ids_BT=segment_ids_NT, return_hidden=True,
@@ -165,7 +165,7 @@ def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int, layout: Optional["
 
         def one(rows_nT):
           t, p, sid, px, prompt = rows_nT
-          images = _image_inputs(px, prompt)
+          images = image_placeholders.slot_inputs(px, prompt)
           return jax.lax.cond(
               jnp.any(sid > 0),
               lambda: token_logprobs(cfg, params, t, positions_NT=p, segment_ids_NT=sid,
@@ -192,16 +192,6 @@ def make_ref_logprobs(cfg: ModelConfig, microbatch_size: int, layout: Optional["
                       image_prompt_NT)
 
   return sharded_ref_logprobs
-
-
-def _image_inputs(pixels_NIYXC, image_prompt_NT) -> dict:
-  """`Transformer.apply`'s image keywords for rows with the image fields of
-  `rl.batch.Batch` ({} for text rows)."""
-  if pixels_NIYXC is None:
-    return {}
-  N, I = pixels_NIYXC.shape[:2]
-  return dict(pixel_values=pixels_NIYXC.reshape((N * I,) + pixels_NIYXC.shape[2:]),
-              images_per_row=I, image_prompt_BT=image_prompt_NT)
 
 
 @flax.struct.dataclass
@@ -256,10 +246,10 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
 
   def micro_loss(params, b: Batch, ref_is_current: bool):
     if not update_cfg.train_vision and VISION in params:
-      params = dict(params, vision=jax.lax.stop_gradient(params[VISION]))
+      params = {**params, VISION: jax.lax.stop_gradient(params[VISION])}
+    images = image_placeholders.slot_inputs(b.pixels_NIYXC, b.image_prompt_NT)
     logp_NT = token_logprobs(cfg, params, b.tokens_NT, positions_NT=b.positions_NT,
-                             segment_ids_NT=b.segment_ids_NT,
-                             **_image_inputs(b.pixels_NIYXC, b.image_prompt_NT))
+                             segment_ids_NT=b.segment_ids_NT, **images)
     if ref_is_current:
       # The iteration's first step runs at theta_i itself: the reference
       # log-probs are this forward pass's, so no separate pass is needed.
@@ -305,7 +295,7 @@ def make_train_step(cfg: ModelConfig, loss_cfg: losses.LossConfig, update_cfg: U
     params = optax.apply_updates(state.params, updates)
     if not update_cfg.train_vision and VISION in params:
       # A zero gradient is not a zero update (AdamW's decay, -0.0): keep the tower.
-      params = dict(params, vision=state.params[VISION])
+      params = {**params, VISION: state.params[VISION]}
     finite = opt_state.last_finite
     metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
                "train/update_finite": finite.astype(jnp.float32),

@@ -137,8 +137,8 @@ def encode_images(model: Transformer, params, pixels_BSYXC: jax.Array) -> jax.Ar
   image slots of each row, float32 pixels `[B, S, Y, X, C]`; computed once
   per prefill, however many calls the prefill makes."""
   B, S = pixels_BSYXC.shape[:2]
-  feats_NPD = model.apply({"params": params}, pixels_BSYXC.reshape((B * S,) + pixels_BSYXC.shape[2:]),
-                          method=Transformer.encode_images)
+  pixels_NYXC = pixels_BSYXC.reshape((B * S,) + pixels_BSYXC.shape[2:])
+  feats_NPD = model.apply({"params": params}, pixels_NYXC, method=Transformer.encode_images)
   return feats_NPD.reshape((B, S) + feats_NPD.shape[1:])
 
 
@@ -168,12 +168,17 @@ def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache,
   """
   C = model.cfg.prefill_chunk
   B, P = tokens_BP.shape
-  if image_features_BSPD is not None and image_prompt_BP is None:
-    image_prompt_BP = jnp.ones((B, P), bool)
+  images = image_features_BSPD is not None
+  # Text only: the mask and the placeholder count are None, so neither is
+  # computed nor carried through the chunk scan.
+  prompt_BP = offset_B = None
+  if images:
+    prompt_BP = jnp.ones((B, P), bool) if image_prompt_BP is None else image_prompt_BP
+    offset_B = jnp.zeros((B,), jnp.int32)
 
   def call(tokens_BT, prompt_BT, offset_B, cache):
     kw = {}
-    if image_features_BSPD is not None:
+    if images:
       S, Pi, D = image_features_BSPD.shape[1:]
       kw = dict(image_features=image_features_BSPD.reshape(B * S, Pi, D), images_per_row=S,
                 image_prompt_BT=prompt_BT, image_offset_B=offset_B)
@@ -183,17 +188,16 @@ def prefill(model: Transformer, params, tokens_BP: jax.Array, cache: KVCache,
                                     **kw)
     return logits_B1V[:, 0, :], cache, offset_B
 
-  offset_B = jnp.zeros((B,), jnp.int32)
-  prompt_BP = image_prompt_BP if image_prompt_BP is not None else jnp.zeros((B, P), bool)
   if C <= 0 or C >= P:
     logits_BV, cache, _ = call(tokens_BP, prompt_BP, offset_B, cache)
     return logits_BV, cache
   head = P % C
   if head:
-    _, cache, offset_B = call(tokens_BP[:, :head], prompt_BP[:, :head], offset_B, cache)
+    head_prompt = None if prompt_BP is None else prompt_BP[:, :head]
+    _, cache, offset_B = call(tokens_BP[:, :head], head_prompt, offset_B, cache)
 
   def chunks(x_BP):
-    return x_BP[:, head:].reshape(B, P // C, C).swapaxes(0, 1)
+    return None if x_BP is None else x_BP[:, head:].reshape(B, P // C, C).swapaxes(0, 1)
 
   def one_chunk(carry, xs):
     cache, offset_B = carry

@@ -88,17 +88,24 @@ def chunk_widths(width: int, min_width: int) -> tuple[int, ...]:
     out.append(w)
 
 
+def _image_args(images, rows, start_B, width) -> tuple:
+  """`prefill`'s image arguments for `rows` (None: all) left-packed at
+  `start_B` in `width` slots: () for text, else (features, prompt positions)."""
+  if images is None:
+    return ()
+  feats_BSPD, prompt_len_B = images
+  if rows is not None:
+    feats_BSPD, prompt_len_B = feats_BSPD[rows], prompt_len_B[rows]
+  return feats_BSPD, prompt_positions(start_B, prompt_len_B, width)
+
+
 def _prefill_whole(model, cfg, params, tokens_BL, length_B, width, extra, images, layout=None):
   """One prefill of every row at width W (the simple layout). `images`:
   None, or (features `[B, S, Pi, D]`, prompt_len_B) of the rows' images."""
   B = tokens_BL.shape[0]
   tokens_BW, start_B = _left_pack(tokens_BL, length_B, width)
   cache = pin_cache(init_cache(cfg, B, width + extra, start=start_B), layout)
-  if images is None:
-    return prefill(model, params, tokens_BW, cache)
-  feats_BSPD, prompt_len_B = images
-  return prefill(model, params, tokens_BW, cache, feats_BSPD,
-                 prompt_positions(start_B, prompt_len_B, width))
+  return prefill(model, params, tokens_BW, cache, *_image_args(images, None, start_B, width))
 
 
 def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extra, rows,
@@ -140,12 +147,8 @@ def _prefill_grouped(model, cfg, params, tokens_BL, length_B, run_B, width, extr
     def branch(rows_G):
       tokens_Gw, start_G = _left_pack(tokens_BL[rows_G], len_B[rows_G], w)
       cache = init_cache(cfg, G, w, start=start_G)
-      if images is None:
-        logits_GV, cache = prefill(model, params, tokens_Gw, cache)
-      else:
-        feats_BSPD, prompt_len_B = images
-        logits_GV, cache = prefill(model, params, tokens_Gw, cache, feats_BSPD[rows_G],
-                                   prompt_positions(start_G, prompt_len_B[rows_G], w))
+      logits_GV, cache = prefill(model, params, tokens_Gw, cache,
+                                 *_image_args(images, rows_G, start_G, w))
       return (logits_GV, tuple(place(x, cache.k_slot_axis, w) for x in cache.k),
               tuple(place(x, cache.v_slot_axis, w) for x in cache.v))
     return branch

@@ -28,14 +28,14 @@ import numpy as np
 import optax
 
 from kimi_jax import progress as progress_lib
-from kimi_jax.models import logits
+from kimi_jax.models import image_placeholders, logits, vision
 from kimi_jax.models.transformer import ModelConfig, Transformer
 from kimi_jax.sft.config import SFTConfig
 from kimi_jax.sft.packing import Example, PackedBatch, batches, example_images, pack
 
 LogFn = Callable[[int, dict], None]
 SaveFn = Callable[[int, object, object, list], None]  # (step, params, opt_state, history)
-VISION = "vision"  # the image encoder's top-level params key (Transformer.vision)
+VISION = vision.PARAMS_KEY
 
 
 def _is_vision(path) -> bool:
@@ -59,12 +59,7 @@ def sft_loss(params, cfg: ModelConfig, batch: PackedBatch):
   on the masked targets), tokens (number of masked targets), fill (fraction
   of non-padding positions).
   """
-  images = {}
-  if batch.pixels_NSYXC is not None:
-    pixels = batch.pixels_NSYXC
-    N, S = pixels.shape[:2]
-    images = dict(pixel_values=pixels.reshape((N * S,) + pixels.shape[2:]), images_per_row=S,
-                  image_prompt_BT=batch.prompt_mask_NT)
+  images = image_placeholders.slot_inputs(batch.pixels_NSYXC, batch.prompt_mask_NT)
   hidden_NTD = Transformer(cfg).apply(
       {"params": params}, batch.tokens_NT, positions_BT=batch.positions_NT,
       segment_ids_BT=batch.segment_ids_NT, return_hidden=True, **images)
