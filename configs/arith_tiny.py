@@ -20,6 +20,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_every = 10
   c.checkpoint_every = 10
   c.keep_checkpoints = 3
+  # Start from a checkpoint instead of random init + SFT (with sft.steps=0): a run
+  # directory, RUN/checkpoints/<step> or a HF directory (launch.reproduce uses it).
+  c.init_from = ""
 
   # Llama-style decoder over bytes (seqio.ByteVocabulary ids: pad 0, eos 1, byte+3).
   c.model = ml_collections.ConfigDict(dict(

@@ -36,9 +36,9 @@ import jax
 import ml_collections
 
 from kimi_jax import distributed, parallel, sft
+from kimi_jax.stages import Stages
 from kimi_jax.long2short import dpo, merge, rejection, report
 from kimi_jax.long2short import samples as samples_lib
-from kimi_jax.long2short.stages import Stages
 from kimi_jax.models import params_io
 from kimi_jax.rl import multihost, settings as settings_lib, tasks as tasks_lib, trainer
 from kimi_jax.rl.evaluation import evaluate
@@ -92,7 +92,7 @@ class Comparison:
     self.workdir = trainer.prepare_workdir(workdir)
     trainer.quiet_library_logs()
     self.train_layout, self.sample_layout = multihost.make_mesh_layouts(self.long_settings)
-    self.stages = Stages(self.workdir)
+    self.stages = Stages(self.workdir, "long2short")
     self.models: dict[str, str] = {}  # name -> checkpoint path
 
   def path(self, *parts) -> str:

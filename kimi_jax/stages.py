@@ -1,6 +1,7 @@
 """Resumable stages: each finished stage's result and wall time in DIR/stages.json.
 
-`Stages(workdir).run(name, fn)` returns the recorded result of a finished
+Used by the long2short comparison and the reproduction suites.
+`Stages(workdir, label).run(name, fn)` returns the recorded result of a finished
 stage without calling `fn`; otherwise it times `fn()` (whose result must be
 JSON-able) and records both, atomically, before returning. A stage killed
 midway is not recorded, so a rerun starts it again (the RL and SFT stages
@@ -19,7 +20,8 @@ STAGES_FILE = "stages.json"
 
 
 class Stages:
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, label: str):
+    self.label = label  # names the job in log lines
     self.path = os.path.join(workdir, STAGES_FILE)
     self.done: dict[str, dict] = {}
     if os.path.exists(self.path):
@@ -32,10 +34,10 @@ class Stages:
 
   def run(self, name: str, fn: Callable[[], Any]) -> Any:
     if name in self.done:
-      logging.info("long2short: stage %s already done (%.0f s)", name,
+      logging.info("%s: stage %s already done (%.0f s)", self.label, name,
                    self.done[name]["seconds"])
       return self.done[name]["result"]
-    logging.info("long2short: stage %s", name)
+    logging.info("%s: stage %s", self.label, name)
     t = time.perf_counter()
     result = fn()
     self.done[name] = {"seconds": round(time.perf_counter() - t, 1), "result": result}
@@ -43,7 +45,8 @@ class Stages:
     with open(tmp, "w") as f:
       json.dump(self.done, f, indent=1)
     os.replace(tmp, self.path)
-    logging.info("long2short: stage %s done in %.0f s", name, self.done[name]["seconds"])
+    logging.info("%s: stage %s done in %.0f s", self.label, name,
+                 self.done[name]["seconds"])
     return result
 
   def seconds(self) -> dict[str, float]:
