@@ -3,8 +3,8 @@
   python -m bench.rl_update --json
   python -m bench.rl_update --samples_per_row=1,2,4 --rounds=9
 
-Work: the update of one `configs/arith_tiny.py` iteration (its model, 96
-samples = one minibatch of 96 rows of `rollout.max_length` = 160 tokens,
+Work: the update of one `configs/arith_tiny.py` iteration (its model, 192
+samples = one minibatch of 192 rows of `rollout.max_length` = 160 tokens,
 16-row microbatches, the k1.5 loss; the first step scores its own
 reference, as in the trainer) on samples shaped like the main job's: prompts
 of the synthetic train split (levels 1-3 of add and chain) with a response
@@ -29,7 +29,7 @@ flags.DEFINE_integer("rounds", 7, "Timed rounds (after one compiling round).")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 FLAGS = flags.FLAGS
 
-PROMPTS, K = 12, 8
+K = 8  # samples per prompt, as in the main job
 
 
 def main(argv):
@@ -51,13 +51,14 @@ def main(argv):
 
   s = settings.from_config(arith_tiny.get_config())
   n, T = s.rl.minibatch_size, s.scheduler.max_length
-  assert PROMPTS * K == n, "one minibatch per iteration, as in the main job"
+  prompts = s.scheduler.num_slots // K  # one iteration's prompts
+  assert prompts * K == n, "one minibatch per iteration, as in the main job"
   train, _ = synthetic.make_splits(0, 4000, 0, difficulties=(1, 2, 3), tasks=("add", "chain"))
   rng = np.random.default_rng(0)
 
   def groups_of_an_iteration():
     out = []
-    for g, i in enumerate(rng.choice(len(train), PROMPTS, replace=False)):
+    for g, i in enumerate(rng.choice(len(train), prompts, replace=False)):
       prompt = byte_encode(train[i].prompt)
       trajs = []
       for k in range(K):
@@ -70,7 +71,7 @@ def main(argv):
             token_iter=np.ones(len(response), np.int32), finish=FinishReason.EOS, age=0,
             first_iteration=1, last_iteration=1))
       out.append(Group(g, g, trajs))
-    return out, rng.integers(0, 2, (PROMPTS, K)).astype(np.float32)
+    return out, rng.integers(0, 2, (prompts, K)).astype(np.float32)
 
   optimizer = make_optimizer(s.update)
   step = make_train_step(s.model, s.loss, s.update, optimizer)
