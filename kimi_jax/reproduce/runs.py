@@ -43,9 +43,6 @@ class Run:
   samples: np.ndarray
   seconds: np.ndarray
 
-  def has(self, key: str) -> bool:
-    return key in self.evals and np.all(np.isfinite(self.evals[key]))
-
   def values(self, key: str) -> np.ndarray:
     if key not in self.evals:
       raise KeyError(f"{metrics_path(self.workdir)}: no {key!r} in its evaluation rows")
