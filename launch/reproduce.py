@@ -1,6 +1,6 @@
 r"""Reproduce the report's claims at toy scale; rerunning the same command resumes.
 
-  python -m launch.reproduce --suite=toy --workdir=/tmp/repro     # ~3 h on 2 CPU cores
+  python -m launch.reproduce --suite=toy --workdir=/tmp/repro     # ~25 min per seed, 2 CPU cores
   python -m launch.reproduce --suite=smoke --workdir=/tmp/repro_smoke
   python -m launch.reproduce --suite=toy --workdir=/tmp/repro --report_only
 

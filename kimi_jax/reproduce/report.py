@@ -21,17 +21,10 @@ def _effect_rows(result: Result) -> list[str]:
   return rows
 
 
-def commands(suite: Suite, workdir: str, starts: Mapping[int, dict]) -> list[str]:
-  """One launch.train command per run of the suite (what the runner does in-process)."""
-  cmds = []
-  for seed in suite.seeds:
-    cmds.append(sweep.launch_command(suite.config, os.path.join(workdir, "sft", f"seed{seed}"),
-                                     suite.sft_overrides(seed)))
-    for arm in suite.arms:
-      overrides = {**suite.arm_overrides(arm, seed), **starts[seed]}
-      cmds.append(sweep.launch_command(suite.config, os.path.join(workdir, arm, f"seed{seed}"),
-                                       overrides))
-  return cmds
+def commands(suite: Suite, plan: Sequence[tuple[str, dict, str, bool]]) -> list[str]:
+  """One launch.train command per run of `runner.plan` (what the runner does in-process)."""
+  return [sweep.launch_command(suite.config, run_dir, overrides)
+          for _, overrides, run_dir, _ in plan]
 
 
 def markdown(suite: Suite, results: Sequence[Result], figures: Mapping[str, str],

@@ -47,6 +47,18 @@ def start_from(sft_dir: str) -> dict:
   return {"init_from": sft_dir, "sft.steps": 0}
 
 
+def plan(suite: Suite, workdir: str) -> list[tuple[str, dict, str, bool]]:
+  """Every run in order: (stage name, overrides, run dir, last arm of its seed)."""
+  out = []
+  for seed in suite.seeds:
+    sft_dir = os.path.join(workdir, "sft", f"seed{seed}")
+    out.append((f"sft/seed{seed}", suite.sft_overrides(seed), sft_dir, False))
+    for j, arm in enumerate(suite.arms, 1):
+      out.append((f"{arm}/seed{seed}", {**suite.arm_overrides(arm, seed), **start_from(sft_dir)},
+                  os.path.join(workdir, arm, f"seed{seed}"), j == len(suite.arms)))
+  return out
+
+
 def _samples_per_prompt(suite: Suite) -> int:
   return int(sweep.load_config(suite.config).rollout.samples_per_prompt)
 
@@ -63,9 +75,8 @@ def write_report(suite: Suite, workdir: str, stages: Stages) -> str:
           found.setdefault(arm, {})[seed] = r
   results = claims.evaluate(found)
   figs = figures.write_all(found, os.path.join(workdir, "figures"))
-  starts = {s: start_from(os.path.join(workdir, "sft", f"seed{s}")) for s in suite.seeds}
   return report.write(suite, results, figs, workdir, stages.seconds(), machine(),
-                      report.commands(suite, workdir, starts))
+                      report.commands(suite, plan(suite, workdir)))
 
 
 def run(suite: Suite, workdir: str, train: Callable | None = None) -> str:
@@ -79,20 +90,13 @@ def run(suite: Suite, workdir: str, train: Callable | None = None) -> str:
     train = trainer.run
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  plan = []
-  for seed in suite.seeds:
-    sft_dir = os.path.join(workdir, "sft", f"seed{seed}")
-    plan.append((f"sft/seed{seed}", run_config(suite, suite.sft_overrides(seed)), sft_dir,
-                 False))
-    for j, arm in enumerate(suite.arms, 1):
-      overrides = {**suite.arm_overrides(arm, seed), **start_from(sft_dir)}
-      plan.append((f"{arm}/seed{seed}", run_config(suite, overrides),
-                   os.path.join(workdir, arm, f"seed{seed}"), j == len(suite.arms)))
+  runs = [(name, run_config(suite, overrides), run_dir, seed_done)
+          for name, overrides, run_dir, seed_done in plan(suite, workdir)]
   stages = Stages(workdir, "reproduce")
   ran = False  # since the last report
-  for i, (name, config, run_dir, seed_done) in enumerate(plan, 1):
+  for i, (name, config, run_dir, seed_done) in enumerate(runs, 1):
     if name not in stages.done:
-      logging.info("reproduce: run %d/%d %s", i, len(plan), name)
+      logging.info("reproduce: run %d/%d %s", i, len(runs), name)
       ran = True
 
     def one(config=config, run_dir=run_dir):
@@ -100,7 +104,7 @@ def run(suite: Suite, workdir: str, train: Callable | None = None) -> str:
       rows = train(config, run_dir)
       return {"iterations": max((r["iteration"] for r in rows), default=0)}
     stages.run(name, one)
-    if seed_done and ran and i < len(plan):
+    if seed_done and ran and i < len(runs):
       write_report(suite, workdir, stages)
       ran = False
   return write_report(suite, workdir, stages)
