@@ -1,4 +1,6 @@
 """config.init_from: any checkpoint as the trainer's starting params (params only)."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +57,14 @@ def test_newest_or_chosen_step_of_a_run(run_dir):
   jax.tree.map(np.testing.assert_array_equal, params, by_step[7])
   _, params = _start(_config(root / "checkpoints" / "3"))
   jax.tree.map(np.testing.assert_array_equal, params, by_step[3])
+
+
+def test_starting_from_a_run_step_logs_no_orbax_metadata_warning(run_dir, caplog):
+  root, cfg, by_step = run_dir
+  with caplog.at_level(logging.WARNING):
+    _, params = params_io.load_params(params_io.resolve(root), cfg)
+  jax.tree.map(np.testing.assert_array_equal, params, by_step[7])
+  assert not [r for r in caplog.records if "Metadata file" in r.getMessage()]
 
 
 def test_hf_and_orbax_directories(run_dir, tmp_path):

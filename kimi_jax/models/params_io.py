@@ -20,8 +20,10 @@ merge / sampling) takes any of:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -280,12 +282,31 @@ def load_params(src: Union[Source, PathLike], cfg: Optional[ModelConfig] = None,
   return cfg, restore_params(src.params_dir, params_like)
 
 
+class _NoItemMetadataWarning(logging.Filter):
+  """Drops orbax's "Metadata file does not exist" for a params item: inside a
+  run's step directory the step, not the item, holds _CHECKPOINT_METADATA,
+  so every `init_from` a run printed a warning that reports nothing wrong."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata():
+  absl_logger, quiet = logging.getLogger("absl"), _NoItemMetadataWarning()
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
 def restore_params(params_dir: PathLike, params_like: Any):
   """An orbax params item restored into `params_like`'s layer form
   (`layer_stack`), whichever form it was written in: `scan_layers` is a
   run-time setting, so a checkpoint may come from a run with the other."""
   params_dir = os.fspath(params_dir)
-  with ocp.StandardCheckpointer() as ckptr:
+  with _quiet_item_metadata(), ocp.StandardCheckpointer() as ckptr:
     disk = layer_stack.scanned_or_none(ckptr.metadata(params_dir).item_metadata.tree)
     return layer_stack.restore_in_form(lambda like: ckptr.restore(params_dir, like),
                                        params_like, disk)
