@@ -21,7 +21,8 @@ flags.DEFINE_string("suite", "toy", "Suite name: toy (the claims) or smoke (the 
 flags.DEFINE_string("workdir", None, "Suite directory (created); rerunning resumes it.")
 flags.DEFINE_bool("report_only", False, "Only rewrite REPORT.md from the finished runs.")
 flags.DEFINE_bool("compile_cache", True, "Share compiled programs between the suite's runs "
-                  "(jax's persistent cache in WORKDIR/jax_cache).")
+                  "(jax's persistent cache in WORKDIR/jax_cache, or in "
+                  "$JAX_COMPILATION_CACHE_DIR when that is set).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -44,7 +45,8 @@ def main(argv):
     if FLAGS.compile_cache:
       # Every arm compiles the same rollout, update and eval programs.
       import jax
-      jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+      if not jax.config.jax_compilation_cache_dir:  # the caller's own cache wins
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     try:
       path = runner.run(suite, workdir)
