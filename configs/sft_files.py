@@ -8,8 +8,10 @@ r"""SFT on a prompt/response JSONL, starting from a checkpoint (long-CoT warm-up
 `init_from`: an RL or SFT run directory (newest step) or RUN/checkpoints/<step>,
 an orbax model directory, or a HF directory; the architecture comes from it.
 `data.train_file`: one {"prompt": ..., "response": ...} object per line (other
-keys, e.g. the prompt-set fields, are kept but unused); `data.tokenizer`:
-"bytes", a tokenizer.json or the directory holding it. Hyperparameters are
+keys, e.g. the prompt-set fields, are kept but unused; "images" as in prompt
+files, with a LLaVA checkpoint); `data.tokenizer`: "bytes", a tokenizer.json
+or the directory holding it; `data.image_processor`: the images'
+preprocessor_config.json (default: the checkpoint's). Hyperparameters are
 the schema's defaults (kimi_jax/sft/config.py) unless overridden.
 """
 import ml_collections

@@ -252,6 +252,9 @@ def test_visual_smoke_run_resumes_exactly_after_sigkill(tmp_path):
   assert any(k.startswith("eval/accuracy_task/") for k in want[0])
   assert any(r.get("train/steps", 0) > 0 for r in want), "no update ran"
   assert (tmp_path / "ref" / "plots" / "accuracy_by_task.png").exists()
+  from kimi_jax.data import images  # the run keeps its images' normalisation for convert
+  from kimi_jax.rl import visual_task
+  assert images.load_processor(tmp_path / "ref") == visual_task.PROCESSOR
   rc, out = _finish(_launch(tmp_path / "run"))
   assert rc == 0 and "Resumed from iteration 2" in out, out[-3000:]
   assert _rows(tmp_path / "run") == want

@@ -143,6 +143,20 @@ def load_processor(path: Union[str, os.PathLike]) -> ProcessorConfig:
   return processor_from_hf(hf, source=path)
 
 
+def save_processor(cfg: ProcessorConfig, directory: Union[str, os.PathLike]) -> str:
+  """Writes `directory/preprocessor_config.json` atomically; returns its path.
+
+  Runs and orbax model directories keep the processor their images went
+  through beside model_config.json, so that `launch.convert` exports the
+  normalisation the model was trained with."""
+  path = os.path.join(os.fspath(directory), PROCESSOR_CONFIG_NAME)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(processor_to_hf(cfg), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
 # ------------------------------------------------------------------ loading
 
 

@@ -84,7 +84,7 @@ def _check_tests(tests: Any, where: str) -> tuple:
   return tuple(checked)
 
 
-def _check_images(images: Any, text: str, where: str, base_dir: Optional[str]) -> tuple:
+def check_images(images: Any, text: str, where: str, base_dir: Optional[str]) -> tuple:
   """The image references, relative paths resolved against `base_dir` (the
   files themselves are checked by `check_image_content`)."""
   if isinstance(images, (str, bytes, Mapping)) or not isinstance(images, (list, tuple)):
@@ -169,5 +169,5 @@ def check_fields(obj: Mapping[str, Any], where: str,
     if not isinstance(tag, str) or not tag:
       raise PromptFileError(where, f"expected a non-empty string, got {tag!r}", f"tags[{i}]")
   out["tags"] = tuple(tags)
-  out["images"] = _check_images(obj.get("images", ()), out["prompt"], where, base_dir)
+  out["images"] = check_images(obj.get("images", ()), out["prompt"], where, base_dir)
   return out

@@ -304,8 +304,9 @@ def params_to_hf(cfg: ModelConfig, params: Params, dtype: Optional[str] = None
 
 def save_pretrained(cfg: ModelConfig, params: Params, path: Union[str, os.PathLike], *,
                     max_shard_size: Union[int, str] = "5GB", dtype: Optional[str] = None,
-                    overwrite: bool = False) -> None:
-  """Writes a HF directory that `transformers.AutoModelForCausalLM` loads.
+                    overwrite: bool = False, processor=None) -> None:
+  """Writes a HF directory that `transformers.AutoModelForCausalLM` loads
+  (`LlavaForConditionalGeneration` for a `cfg` with `vision`).
 
   Args:
     cfg, params: the model (params as `init_params` / `load_pretrained` make).
@@ -314,6 +315,8 @@ def save_pretrained(cfg: ModelConfig, params: Params, path: Union[str, os.PathLi
     max_shard_size: bytes (int) or e.g. "500MB"; above it the tensors are
       split into `model-0000i-of-0000n.safetensors` plus an index.
     dtype: storage dtype; default `cfg.param_dtype`.
+    processor: image + text models only: the `data.images.ProcessorConfig`
+      written as preprocessor_config.json (None writes none).
 
   Everything is written into a temporary sibling directory that is renamed
   into place at the end, so a crash never leaves a half-written model at
@@ -322,7 +325,10 @@ def save_pretrained(cfg: ModelConfig, params: Params, path: Union[str, os.PathLi
   if cfg.vision is not None:
     from kimi_jax.models import hf_llava  # pylint: disable=g-import-not-at-top
     return hf_llava.save_pretrained(cfg, params, path, max_shard_size=max_shard_size,
-                                    dtype=dtype, overwrite=overwrite)
+                                    dtype=dtype, overwrite=overwrite, processor=processor)
+  if processor is not None:
+    raise ValueError("save_pretrained: an image processor was given for a text-only model "
+                     "(cfg.vision is None)")
   path = os.path.abspath(os.fspath(path))
   if os.path.exists(path) and not os.path.isdir(path):
     raise FileExistsError(f"{path} exists and is not a directory")

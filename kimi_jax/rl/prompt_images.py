@@ -79,5 +79,5 @@ def with_images(task, data, model: ModelConfig, encode_text, bos_id=None):
   return dataclasses.replace(
       task, train=[shown_first(p) for p in task.train],
       heldout=[shown_first(p) for p in task.heldout], encode=encode, images=pixels,
-      image_slots=max(counts),
+      image_slots=max(counts), processor=proc,
       category=lambda p: p.type)

@@ -40,7 +40,9 @@ class Task:
   `[n, Y, X, C]` (n <= image_slots, the static slots per prompt); category:
   record -> task name (per-task evaluation metrics); sft_examples:
   (n, long_frac, error_rate, seed) -> SFT `Example`s for the warm-up (None:
-  `sft.synthetic_examples` of sft_problems)."""
+  `sft.synthetic_examples` of sft_problems); processor: the
+  `data.images.ProcessorConfig` the images went through (the trainer writes
+  it beside the run's model_config.json)."""
   train: Sequence[Any]
   heldout: Sequence[Any]
   encode: Callable[[str], list[int]]
@@ -55,6 +57,7 @@ class Task:
   image_slots: int = 0
   category: Optional[Callable[[Any], str]] = None
   sft_examples: Optional[Callable[[int, float, float, int], list]] = None
+  processor: Optional[Any] = None
 
   def metrics(self) -> dict:
     """Constant per-run metrics logged on every row (prompt files only)."""

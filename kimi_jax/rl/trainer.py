@@ -313,6 +313,9 @@ def run(config, workdir: str) -> list[dict]:
   primary = distributed.is_primary()
   tr = Trainer(s, workdir)
   params_io.write_config(s.model, workdir)  # the run's architecture, for init_from
+  if primary and tr.task.processor is not None:  # the images' normalisation, for convert
+    from kimi_jax.data import images  # pylint: disable=g-import-not-at-top  # PIL
+    images.save_processor(tr.task.processor, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=s.keep_checkpoints)
   writer = (MetricsWriter(workdir, log_line=lambda it, row: console_line(
       it, s.total_iterations, row)) if primary else multihost.NullWriter())

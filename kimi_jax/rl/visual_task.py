@@ -99,4 +99,4 @@ def visual_task(seed: int, data: VisualData, model: ModelConfig):
 
   return Task(train, heldout, encode, byte_decode, BYTE_EOS_ID, visual.VOCAB_SIZE, visual.reward,
               sft_problems=train, images=problem_pixels, image_slots=IMAGE_SLOTS,
-              category=lambda p: p.task, sft_examples=sft_examples)
+              category=lambda p: p.task, sft_examples=sft_examples, processor=PROCESSOR)

@@ -81,7 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
   `model`). Sub-dicts: model (ModelConfig fields; with init_from they may only
   repeat the checkpoint's architecture), sft (SFTConfig fields + the
   synthetic-trace keys), data (the synthetic tasks, or `train_file`: a
-  prompt/response JSONL with its `tokenizer`).
+  prompt/response JSONL with its `tokenizer` and, for records with images,
+  `image_processor`).
 
   Defaults from CPU measurements (2 shared cores): this 0.86M-parameter
   model reaches ~40% greedy held-out accuracy on add+chain, all levels,
@@ -104,5 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
                 # A prompt/response JSONL instead of synthetic traces ("" = synthetic):
                 train_file="",
                 tokenizer="bytes",  # "bytes", a tokenizer.json (or its directory), a *.model
-                add_bos=False)  # prepend the tokenizer's BOS to every prompt
+                add_bos=False,  # prepend the tokenizer's BOS to every prompt
+                # Records with images: their preprocessor_config.json (or its
+                # directory); "" = the starting checkpoint's, else SigLIP's default.
+                image_processor="")
   return c

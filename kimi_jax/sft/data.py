@@ -4,8 +4,11 @@ A response file is JSONL, one example per line (UTF-8; blank lines ignored):
 
   {"prompt": "Q:12+30=", "response": "A:42\\n", "id": "add-1f", "answer": "42"}
 
-`prompt` (non-empty string) and `response` (string) are required; other
-keys, such as the prompt-set fields (id, type, answer, difficulty, tags,
+`prompt` (non-empty string) and `response` (string) are required; `images`
+(optional) lists the prompt's images as prompt files do (paths relative to
+the JSONL file, or data:image/png;base64 URIs; one `<image>` marker per image
+in the prompt, or none: the images then come first), checked to exist and
+decode when the file is read. Other keys, such as the prompt-set fields (id, type, answer, difficulty, tags,
 source; kimi_jax/data/prompts.py) that `long2short.rejection` writes, are
 kept with the record and not used for training. Errors name file, line and
 field (`rs.jsonl:7: field 'response': missing`), as prompt files do.
@@ -29,6 +32,7 @@ import numpy as np
 from kimi_jax.data import images as images_lib
 from kimi_jax.data import synthetic
 from kimi_jax.data import visual
+from kimi_jax.data.prompt_schema import check_image_content, check_images
 from kimi_jax.data.prompts import PromptFileError
 from kimi_jax.sft.packing import Example
 from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
@@ -80,7 +84,7 @@ def visual_examples(problems: Sequence[visual.VisualProblem], n_examples: int,
 
 # ---------------------------------------------------------------- response files
 
-def _check_record(obj, where: str) -> dict:
+def _check_record(obj, where: str, base_dir: str | None = None) -> dict:
   if not isinstance(obj, dict):
     raise PromptFileError(where, f"expected a JSON object, got {type(obj).__name__}")
   for name in REQUIRED:
@@ -93,6 +97,11 @@ def _check_record(obj, where: str) -> dict:
       raise PromptFileError(where, f"expected a string, got {type(obj[name]).__name__}", name)
   if not obj["prompt"].strip():
     raise PromptFileError(where, "must not be empty", "prompt")
+  if "images" in obj:
+    refs = check_images(obj["images"], obj["prompt"], where, base_dir)
+    if base_dir is not None:  # reading a file: open each image once, here
+      check_image_content(refs, where)
+    obj = {**obj, "images": list(refs)}
   return obj
 
 
@@ -117,7 +126,7 @@ def read_responses(path: str | os.PathLike) -> list[dict]:
         obj = json.loads(text)
       except json.JSONDecodeError as e:
         raise PromptFileError(where, f"not valid JSON: {e.msg} (column {e.colno})") from None
-      records.append(_check_record(obj, where))
+      records.append(_check_record(obj, where, os.path.dirname(os.path.abspath(path))))
   if not records:
     raise PromptFileError(path, "no records (an empty SFT set)")
   return records
@@ -147,6 +156,7 @@ class Codec:
   decode: Callable[[Sequence[int]], str]
   eos_id: int
   vocab_size: int
+  bos_id: int | None = None  # what encode_prompt prepends, if anything
 
 
 def make_codec(spec: str = "bytes", add_bos: bool = False) -> Codec:
@@ -163,13 +173,43 @@ def make_codec(spec: str = "bytes", add_bos: bool = False) -> Codec:
       encode_prompt=lambda text: tokenizers.encode_prompt(vocab, text, add_bos=add_bos),
       encode_response=lambda text: [int(i) for i in vocab.encode(text)],
       decode=lambda ids: tokenizers.decode_response(vocab, ids),
-      eos_id=int(vocab.eos_id), vocab_size=int(vocab.vocab_size))
+      eos_id=int(vocab.eos_id), vocab_size=int(vocab.vocab_size),
+      bos_id=tokenizers.bos_id_or_none(vocab) if add_bos else None)
 
 
-def response_examples(records: Sequence[dict], codec: Codec) -> list[Example]:
-  """(prompt_ids, response_ids) of response-file records."""
-  return [(codec.encode_prompt(r["prompt"]), codec.encode_response(r["response"]))
-          for r in records]
+@dataclasses.dataclass(frozen=True)
+class ImageEncoding:
+  """How records with images become Examples: each image through `processor`
+  and as `tokens_per_image` copies of `image_token_id` at its marker."""
+  processor: images_lib.ProcessorConfig
+  tokens_per_image: int
+  image_token_id: int
+
+
+def response_examples(records: Sequence[dict], codec: Codec,
+                      image_encoding: ImageEncoding | None = None) -> list[Example]:
+  """Examples of response-file records: (prompt_ids, response_ids), and for a
+  record with `images` an `Example` with its pixels float32 `[n, Y, X, C]`
+  (needs `image_encoding`; ValueError naming the record otherwise)."""
+  out: list[Example] = []
+  for i, r in enumerate(records):
+    refs = r.get("images") or ()
+    if not refs:
+      out.append((codec.encode_prompt(r["prompt"]), codec.encode_response(r["response"])))
+      continue
+    if image_encoding is None:
+      raise ValueError(f"record {i} (id {r.get('id', '?')!r}) has images but the model has no "
+                       "image encoder")
+    enc = image_encoding
+    text = r["prompt"]
+    if not images_lib.count_markers(text):
+      text = images_lib.IMAGE_MARKER * len(refs) + text
+    ids = images_lib.encode_with_images(codec.encode_response, text, len(refs),
+                                        enc.tokens_per_image, enc.image_token_id)
+    prompt = ids if codec.bos_id is None else [codec.bos_id] + ids
+    out.append(Example(prompt, codec.encode_response(r["response"]),
+                       images_lib.preprocess_batch(list(refs), enc.processor)))
+  return out
 
 
 def check_vocab(codec: Codec, vocab_size: int, what: str) -> None:

@@ -1,8 +1,11 @@
 """The SFT job behind launch.sft: data, starting weights, training, a run directory.
 
 `run_from_config(config, workdir)` trains on the synthetic traces
-(`config.data.tasks`, ...) or on a prompt/response JSONL
-(`config.data.train_file` with `config.data.tokenizer`), starting from random
+(`config.data.tasks`, ...), on the synthetic image + text tasks
+(`config.data.kind = "visual"`, configs/visual_tiny.py) or on a
+prompt/response JSONL (`config.data.train_file` with `config.data.tokenizer`;
+records may show images, preprocessed with `config.data.image_processor`,
+else the starting checkpoint's preprocessor_config.json), starting from random
 weights or any checkpoint (`config.init_from`, `params_io.resolve`), and
 writes a run directory that `config.init_from` of the trainer and of a later
 SFT reads:
@@ -10,6 +13,7 @@ SFT reads:
   checkpoints/<step>/         params, opt_state, host (kimi_jax.checkpointing)
   sft_metrics.jsonl           one row per step
   sft_eval.json               greedy held-out accuracy (synthetic tasks only)
+  preprocessor_config.json    with images: the processor they went through
 Rerunning the same command continues from the newest checkpoint (a finished
 run only re-evaluates); `config.sft.checkpoint_every` sets how often steps
 are saved besides the last.
@@ -17,9 +21,10 @@ are saved besides the last.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from absl import logging
 import jax
@@ -27,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from kimi_jax.checkpointing import Checkpointer
+from kimi_jax.data import images as images_lib
 from kimi_jax.data import synthetic
 from kimi_jax.models import params_io
 from kimi_jax.models.transformer import ModelConfig, init_params
@@ -40,23 +46,32 @@ METRICS_FILE = "sft_metrics.jsonl"
 EVAL_FILE = "sft_eval.json"
 
 
-def evaluate_greedy(cfg: ModelConfig, params, problems: Sequence[synthetic.Problem], *,
+def evaluate_greedy(cfg: ModelConfig, params, problems: Sequence, *,
                     encode: Callable[[str], list[int]] = byte_encode,
                     decode: Callable[[Sequence[int]], str] = byte_decode,
                     eos_id: int = BYTE_EOS_ID, chunk: int = 64,
-                    max_new_tokens: Optional[int] = None):
+                    max_new_tokens: Optional[int] = None,
+                    prompt_ids: Optional[Callable[[Any], list[int]]] = None,
+                    images: Optional[Callable[[Any], np.ndarray]] = None,
+                    is_correct: Callable[[Any, str], bool] = synthetic.is_correct):
   """Greedy responses to `problems` (up to `max_new_tokens`, by default the
   longest synthetic response + eos). Returns (responses, accuracy by
-  "task/difficulty", with "all" overall)."""
+  "task/difficulty", with "all" overall).
+
+  Image + text problems (`data/visual.py`) pass `prompt_ids` (problem ->
+  ids with placeholders, instead of `encode(p.prompt)`), `images` (problem
+  -> float32 `[n, Y, X, C]`) and their `is_correct`."""
   max_new = max_new_tokens or synthetic.MAX_RESPONSE_BYTES + 1
+  to_ids = prompt_ids or (lambda p: encode(p.prompt))
   responses = []
   for i in range(0, len(problems), chunk):
-    prompts = [encode(p.prompt) for p in problems[i:i + chunk]]
-    outs = generate(cfg, params, prompts, max_new, eos_id=eos_id)
+    part = problems[i:i + chunk]
+    outs = generate(cfg, params, [to_ids(p) for p in part], max_new, eos_id=eos_id,
+                    images=None if images is None else [images(p) for p in part])
     responses += [decode(o) for o in outs]
   cells = collections.defaultdict(list)
   for p, r in zip(problems, responses):
-    ok = synthetic.is_correct(p, r)
+    ok = is_correct(p, r)
     cells[f"{p.task}/{p.difficulty}"].append(ok)
     cells["all"].append(ok)
   return responses, {k: float(np.mean(v)) for k, v in sorted(cells.items())}
@@ -64,7 +79,9 @@ def evaluate_greedy(cfg: ModelConfig, params, problems: Sequence[synthetic.Probl
 
 def _model_config(config) -> tuple[ModelConfig, Optional[params_io.Source]]:
   """The model (and the starting checkpoint, if any); ValueError names the key."""
-  model = dict(config.get("model") or {})
+  model = config.get("model") or {}
+  # Nested sub-dicts (model.vision) are ConfigDicts in a config file: plain dicts here.
+  model = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
   init_from = config.get("init_from") or ""
   if not init_from:
     return params_io.config_from_dict(model, source="config.model"), None
@@ -75,25 +92,94 @@ def _model_config(config) -> tuple[ModelConfig, Optional[params_io.Source]]:
     raise ValueError(f"config.init_from: {e}") from None
 
 
-def _examples(config, cfg: ModelConfig, seed: int):
-  """(examples, eos_id, held-out synthetic problems or None)."""
+class _Data(NamedTuple):
+  """What an SFT job trains and evaluates on. heldout: synthetic problems
+  (None: no evaluation); eval_kwargs: `evaluate_greedy`'s for them;
+  processor: the images' ProcessorConfig (None: text only)."""
+  examples: list
+  eos_id: int
+  heldout: Optional[Sequence] = None
+  eval_kwargs: Optional[dict] = None
+  processor: Optional[images_lib.ProcessorConfig] = None
+
+
+def _file_processor(config, cfg: ModelConfig, src: Optional[params_io.Source]):
+  """The image processor of a response file's images: config.data.image_processor,
+  else the starting checkpoint's preprocessor_config.json, else SigLIP's
+  default (mean and std 0.5) at the tower's image size."""
+  path = config.data.get("image_processor", "") or ""
+  if not path and src is not None and os.path.isfile(
+      os.path.join(src.path, images_lib.PROCESSOR_CONFIG_NAME)):
+    path = src.path
+  size = cfg.vision.image_size
+  if not path:
+    return images_lib.ProcessorConfig(height=size, width=size)
+  try:
+    proc = images_lib.load_processor(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"config.data.image_processor: {e}") from None
+  if (proc.height, proc.width) != (size, size):
+    raise ValueError(f"config.data.image_processor {path}: resizes to {proc.width}x"
+                     f"{proc.height} but the model's tower takes {size} px images")
+  return proc
+
+
+def _file_data(config, cfg: ModelConfig, src: Optional[params_io.Source]) -> _Data:
   d = config.data
-  train_file = d.get("train_file") or ""
-  if train_file:
-    try:
-      codec = data_lib.make_codec(d.get("tokenizer", "bytes"), add_bos=d.get("add_bos", False))
-      data_lib.check_vocab(codec, cfg.vocab_size, f"config.data.tokenizer {codec}")
-    except (ValueError, FileNotFoundError) as e:
-      raise ValueError(f"config.data.tokenizer: {e}") from None
-    records = data_lib.read_responses(train_file)
-    return data_lib.response_examples(records, codec), codec.eos_id, None
+  try:
+    codec = data_lib.make_codec(d.get("tokenizer", "bytes"), add_bos=d.get("add_bos", False))
+    data_lib.check_vocab(codec, cfg.vocab_size, f"config.data.tokenizer {codec}")
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f"config.data.tokenizer: {e}") from None
+  records = data_lib.read_responses(d.train_file)
+  first = next((i for i, r in enumerate(records) if r.get("images")), None)
+  if first is None:
+    return _Data(data_lib.response_examples(records, codec), codec.eos_id)
+  if cfg.vision is None:
+    raise ValueError(f"{d.train_file}: record {first + 1} has images but the model has no "
+                     "image encoder (start from a LLaVA checkpoint or set config.model.vision "
+                     "and config.model.image_token_id)")
+  proc = _file_processor(config, cfg, src)
+  enc = data_lib.ImageEncoding(proc, cfg.vision.tokens_per_image, cfg.image_token_id)
+  try:
+    examples = data_lib.response_examples(records, codec, enc)
+  except ValueError as e:
+    raise ValueError(f"{d.train_file}: {e}") from None
+  return _Data(examples, codec.eos_id, processor=proc)
+
+
+def _visual_data(config, cfg: ModelConfig, seed: int) -> _Data:
+  """The synthetic image + text tasks (config.data.kind = "visual")."""
+  from kimi_jax.data import visual  # pylint: disable=g-import-not-at-top
+  from kimi_jax.rl import visual_task  # pylint: disable=g-import-not-at-top
+  d = config.data
+  visual_task.check_model(cfg)
+  train, heldout = visual.make_splits(
+      seed, d.n_train, d.n_heldout, difficulties=d.get("difficulties"),
+      tasks=tuple(d.get("tasks", visual.TASKS)), heldout_frac=d.get("heldout_frac", 0.2))
+  P = cfg.vision.tokens_per_image
+  examples = data_lib.visual_examples(train, config.sft.n_examples, P, visual_task.PROCESSOR,
+                                      long_frac=config.sft.long_frac,
+                                      error_rate=config.sft.error_rate, seed=seed)
+  eval_kwargs = dict(prompt_ids=lambda p: visual.encode_prompt(p, P),
+                     images=visual_task.problem_pixels, is_correct=visual.is_correct)
+  return _Data(examples, BYTE_EOS_ID, heldout, eval_kwargs, visual_task.PROCESSOR)
+
+
+def _examples(config, cfg: ModelConfig, seed: int,
+              src: Optional[params_io.Source] = None) -> _Data:
+  d = config.data
+  if d.get("train_file") or "":
+    return _file_data(config, cfg, src)
+  if d.get("kind", "synthetic") == "visual":
+    return _visual_data(config, cfg, seed)
   train, heldout = synthetic.make_splits(
       seed, d.n_train, d.n_heldout, difficulties=d.difficulties, tasks=tuple(d.tasks),
       heldout_frac=d.get("heldout_frac", 0.2))
   examples = data_lib.synthetic_examples(train, config.sft.n_examples, byte_encode,
                                          long_frac=config.sft.long_frac,
                                          error_rate=config.sft.error_rate, seed=seed)
-  return examples, BYTE_EOS_ID, heldout
+  return _Data(examples, BYTE_EOS_ID, heldout, {})
 
 
 def _read_rows(path: str, up_to: int) -> list[dict]:
@@ -118,10 +204,18 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str, *,
   cfg, src = _model_config(config)
   sft_cfg = sft_config_from(config.sft)
   seed = config.data.get("seed", config.seed)  # RL configs split on the top-level seed
-  examples, eos_id, heldout = _examples(config, cfg, seed)
+  data = _examples(config, cfg, seed, src)
+  examples, eos_id, heldout = data.examples, data.eos_id, data.heldout
+  most_images = max((len(e[2]) for e in examples if len(e) > 2 and e[2] is not None),
+                    default=0)
+  if most_images and not sft_cfg.image_slots:
+    # Packed rows hold several examples, each with its images (as the RL warm-up).
+    sft_cfg = dataclasses.replace(sft_cfg, image_slots=4 * most_images)
 
   os.makedirs(workdir, exist_ok=True)
   params_io.write_config(cfg, workdir)
+  if data.processor is not None:  # the images' normalisation, for convert and init_from
+    images_lib.save_processor(data.processor, workdir)
   optimizer, _ = optimizer_and_step(cfg, sft_cfg)
   like = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
   ckpt = Checkpointer(os.path.join(workdir, params_io.CHECKPOINTS_NAME), keep=None)
@@ -154,12 +248,14 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt.close()
   if heldout is None or not evaluate:
     return {}
-  responses, acc = evaluate_greedy(cfg, params, heldout, max_new_tokens=max_new_tokens)
+  responses, acc = evaluate_greedy(cfg, params, heldout, max_new_tokens=max_new_tokens,
+                                   **data.eval_kwargs)
   with open(os.path.join(workdir, EVAL_FILE), "w") as f:
     json.dump(acc, f, indent=1)
   final = _read_rows(metrics_path, sft_cfg.steps)
   if final:
     print(f"sft: final loss {final[-1]['loss']:.4f}; held-out greedy accuracy {acc}")
   for p, r in list(zip(heldout, responses))[::max(1, len(heldout) // num_samples)][:num_samples]:
-    print(f"  {'OK ' if synthetic.is_correct(p, r) else 'BAD'} {p.prompt}{r!r}")
+    ok = data.eval_kwargs.get("is_correct", synthetic.is_correct)(p, r)
+    print(f"  {'OK ' if ok else 'BAD'} {p.prompt}{r!r}")
   return acc
