@@ -126,11 +126,15 @@ def test_images_for_a_text_model_or_a_wrong_processor_are_config_errors(tmp_path
   assert not (tmp_path / "run").exists()
 
 
-def test_the_visual_tasks_train_and_evaluate_per_task(tmp_path):
+def test_the_visual_tasks_train_and_evaluate_per_task(tmp_path, capsys):
   """launch.sft --config=configs/visual_tiny.py:smoke: the RL config's visual
-  data, SFT with images, greedy held-out accuracy per task and level."""
+  data, SFT with images, greedy held-out accuracy per task and level; a
+  progress line per log_every steps (the bar is off in a log file)."""
   c = visual_tiny.get_config("smoke")
-  acc = sft.run_from_config(c, str(tmp_path / "run"), progress=False, num_samples=1)
+  c.sft.log_every = 5
+  acc = sft.run_from_config(c, str(tmp_path / "run"), num_samples=1)
+  out = capsys.readouterr().out
+  assert "sft step 5/10 | loss " in out and "sft step 10/10 | loss " in out, out
   tasks = {k.split("/")[0] for k in acc if k != "all"}
   assert tasks == set(c.data.tasks) and 0.0 <= acc["all"] <= 1.0
   assert json.loads((tmp_path / "run" / sft.job.EVAL_FILE).read_text()) == acc

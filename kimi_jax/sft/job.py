@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from absl import logging
@@ -242,9 +243,19 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str, *,
     os.replace(metrics_path + ".tmp", metrics_path)
     ckpt.save(step, params=params, opt_state=opt_state, host_state={"step": step})
 
+  t0 = time.perf_counter()
+
+  def log(step, row):
+    # One line per log_every steps: in a log file the bar is off (kimi_jax.progress).
+    per_step = (time.perf_counter() - t0) / max(1, step - start)
+    print(f"sft step {step}/{sft_cfg.steps} | loss {row['loss']:.4f} | accuracy "
+          f"{row['accuracy']:.3f} | lr {row['learning_rate']:.2e} | {per_step:.2f} s/step",
+          flush=True)
+
   if start < sft_cfg.steps:
     params, _ = run_sft(cfg, params, examples, sft_cfg, eos_id=eos_id, opt_state=opt_state,
-                        start_step=start, progress=progress, save_fn=save)
+                        start_step=start, progress=progress, save_fn=save,
+                        log_fn=log if progress else None)
   ckpt.close()
   if heldout is None or not evaluate:
     return {}
