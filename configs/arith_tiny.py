@@ -1,4 +1,4 @@
-r"""The CPU default: a ~0.9M byte-level Llama learns multi-step arithmetic with k1.5 RL.
+r"""The CPU default: a 1.7M byte-level Llama learns multi-step arithmetic with k1.5 RL.
 
   python -m launch.train --config=configs/arith_tiny.py --workdir=/tmp/arith_tiny
 
@@ -16,7 +16,10 @@ import ml_collections
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_iterations = 160  # RL iterations after the iteration-0 evaluation (~7 min in all on 2 idle CPU cores)
+  # RL iterations after the iteration-0 evaluation: 10-11 min in all on 2 CPU
+  # cores. Seeds 0-2 gained +29.2, +25.3, +23.5 points of held-out pass@1
+  # (README); at 160 iterations the same seeds gained +27.0, +26.5, +17.5.
+  c.total_iterations = 320
   c.eval_every = 10
   c.checkpoint_every = 10
   c.keep_checkpoints = 3
@@ -25,8 +28,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.init_from = ""
 
   # Llama-style decoder over bytes (seqio.ByteVocabulary ids: pad 0, eos 1, byte+3).
+  # Width 192 (1.68M params): at 160 iterations, seeds 0-2, held-out pass@1
+  # gained +23.7 points on average (sd 5.3) vs +20.1 (sd 2.6) at width 128;
+  # 6 layers of 192 gained +17.4.
   c.model = ml_collections.ConfigDict(dict(
-      vocab_size=264, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+      vocab_size=264, hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6,
       num_kv_heads=2, max_position_embeddings=256, tie_embeddings=False, rope_theta=10000.0,
       dtype="float32", param_dtype="float32"))
 
@@ -80,7 +86,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       curriculum="none",  # none | two_phase | linear
       hard_from_iteration=0, hard_min_difficulty=0.5,
       task_reward="binary",  # 1 for a correct answer (exact match), else 0
-      length_penalty_weight=0.2, length_penalty_start=60,  # warm-up: off for the first half
+      length_penalty_weight=0.2, length_penalty_start=60,  # warm-up: off for 60 iterations
       truncated_reward=0.0, repeat_penalty=0.5,
       minibatch_size=192,  # samples per optimizer step; extra samples give extra steps
       # Up to 4 finished samples share a 160-token training row (~40-token samples):

@@ -30,7 +30,7 @@ def test_settings_from_default_config():
     ("rl.prompt_sampling", "random", "config.rl.prompt_sampling must be one of"),
     ("rollout.num_slots", 0, "config.rollout.num_slots must be an int >= 1"),
     ("optim.microbatch_size", 40, "multiple of config.optim.microbatch_size"),
-    ("model.num_kv_heads", 3, r"config.model.num_heads \(4\) must be a multiple of num_kv_heads"),
+    ("model.num_kv_heads", 4, r"config.model.num_heads \(6\) must be a multiple of num_kv_heads"),
     ("eval_every", 0, "eval_every"),
     ("rollout.decode_phases", 0, "config.rollout.decode_phases must be an int >= 1"),
 ])
