@@ -188,7 +188,14 @@ class Comparison:
     cfg, params = self.load(self.models["long"], self.train_layout)
     layout = parallel.Layout(self.train_layout.kind, self.train_layout.mesh, cfg)
     os.makedirs(self.path("dpo"), exist_ok=True)
-    params, history = dpo.train(cfg, params, pairs, dpo_cfg, layout=layout)
+
+    def log(step, row):  # a line per 10 steps: off a terminal the bar is off
+      if step % 10 == 0 or step == dpo_cfg.steps:
+        logging.info("dpo step %d/%d | loss %.4f | %s", step, dpo_cfg.steps, row["loss"],
+                     " | ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                if k not in ("step", "epoch", "loss")))
+
+    params, history = dpo.train(cfg, params, pairs, dpo_cfg, layout=layout, log_fn=log)
     with open(self.path("dpo", "metrics.jsonl"), "w") as f:
       f.writelines(json.dumps(row) + "\n" for row in history)
     params_io.save_orbax(cfg, params, self.path("dpo", "model"), overwrite=True)

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 
 from kimi_jax import distributed
+from kimi_jax import progress as progress_lib
 from kimi_jax.long2short.samples import PromptSamples
 from kimi_jax.models.transformer import ModelConfig
 from kimi_jax.rl import losses
@@ -294,7 +294,7 @@ def train(cfg: ModelConfig, params, pair_set: PairSet, dpo_cfg: DPOConfig, *, la
     if log_fn is not None:
       log_fn(row["step"], row)
 
-  for i in tqdm.trange(dpo_cfg.steps, desc="dpo", disable=not progress):
+  for i in progress_lib.bar(range(dpo_cfg.steps), desc="dpo", disable=not progress):
     while len(order) < dpo_cfg.batch_size:
       epoch += 1
       order = np.concatenate([order, rng.permutation(P)])
