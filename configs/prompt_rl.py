@@ -26,6 +26,9 @@ def base_config(*, hf_path: str, train_file: str, heldout_file: str, add_bos: bo
   c.eval_every = 10
   c.checkpoint_every = 5  # iterations are long: lose at most 5 of them
   c.keep_checkpoints = 3
+  # Start from another run's checkpoint instead (an RL or SFT run directory,
+  # RUN/checkpoints/<step>, an orbax or HF directory); "" = model.hf_path.
+  c.init_from = ""
 
   # Architecture, vocabulary and weights come from the checkpoint's config.json
   # and safetensors; only the numerics are ours.

@@ -27,6 +27,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_every = 25
   c.checkpoint_every = 25
   c.keep_checkpoints = 3
+  # Start from a checkpoint instead of random init + SFT (with sft.steps=0),
+  # e.g. a `launch.sft --config=configs/visual_tiny.py` run directory.
+  c.init_from = ""
 
   # Byte vocabulary (pad 0, eos 1, bytes 3..258) plus the image placeholder 259.
   c.model = ml_collections.ConfigDict(dict(

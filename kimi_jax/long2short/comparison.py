@@ -191,9 +191,9 @@ class Comparison:
 
     def log(step, row):  # a line per 10 steps: off a terminal the bar is off
       if step % 10 == 0 or step == dpo_cfg.steps:
-        logging.info("dpo step %d/%d | loss %.4f | %s", step, dpo_cfg.steps, row["loss"],
-                     " | ".join(f"{k} {v:.3f}" for k, v in row.items()
-                                if k not in ("step", "epoch", "loss")))
+        logging.info("dpo step %d/%d | %s", step, dpo_cfg.steps,
+                     " | ".join(f"{k.removeprefix('dpo/')} {v:.4g}" for k, v in row.items()
+                                if k not in ("step", "epoch")))
 
     params, history = dpo.train(cfg, params, pairs, dpo_cfg, layout=layout, log_fn=log)
     with open(self.path("dpo", "metrics.jsonl"), "w") as f:
