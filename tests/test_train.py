@@ -206,3 +206,17 @@ def test_iteration_under_2x2x2_mesh_matches_one_device(tmp_path):
   for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(params1)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   assert not np.allclose(params1["lm_head"], warm["lm_head"])
+
+
+@pytest.mark.parametrize("name", ["arith_tiny", "visual_tiny", "prompt_rl", "qwen2_5_math_1_5b",
+                                  "llava_qwen2_images", "llama3_8b_pod"])
+def test_every_rl_config_takes_init_from(name):
+  """`--config.init_from=RUN` works on every RL config (a flag override needs the key)."""
+  import importlib
+  module = importlib.import_module(f"configs.{name}")
+  config = (module.base_config(hf_path="h", train_file="t", heldout_file="", add_bos=False,
+                               total_iterations=1, prompts_per_iteration=1, max_length=64,
+                               max_prompt_length=16, segment_budget=16, minibatch_size=1,
+                               microbatch_size=1, learning_rate=1e-6, mesh={})
+            if name == "prompt_rl" else module.get_config())
+  assert config.init_from == ""
