@@ -2,6 +2,7 @@
 synthetic visual tasks (config.data.kind = "visual")."""
 import base64
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -15,9 +16,7 @@ from kimi_jax.data.prompts import PromptFileError
 from kimi_jax.models import params_io
 from kimi_jax.rl import visual_task
 
-from tests.test_hf_llava import DATA
-
-PICTURES = DATA / "llava_images"
+PICTURES = pathlib.Path(__file__).parent / "data" / "llava_images"
 MODEL = dict(vocab_size=visual.VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_layers=1,
              num_heads=2, num_kv_heads=1, max_position_embeddings=128,
              image_token_id=visual.IMAGE_TOKEN_ID,
