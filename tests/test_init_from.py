@@ -89,7 +89,7 @@ def test_starts_sharded_on_a_mesh(run_dir):
 
 @pytest.mark.parametrize("change,match", [
     (dict(model=dict(hidden_size=64)), r"config\.model\.hidden_size=64 but .*model_config\.json "
-                                       r"says 128"),
+                                       r"says %d" % arith_tiny.get_config().model.hidden_size),
     (dict(sft_steps=5), r"config\.sft\.steps=5: with config\.init_from"),
     (dict(init_from="/nonexistent/run"), r"config\.init_from: checkpoint /nonexistent/run does "
                                          r"not exist"),
