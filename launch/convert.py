@@ -24,6 +24,7 @@ from kimi_jax import cli  # first: quiets TensorFlow / XLA before they load
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-order
 
+from kimi_jax.data import images
 from kimi_jax.models import hf, params_io
 
 _DIRECTION = flags.DEFINE_enum("direction", "hf_to_orbax", ["hf_to_orbax", "orbax_to_hf"],
@@ -43,34 +44,25 @@ _IMAGE_PROCESSOR = flags.DEFINE_string(
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty output directory.")
 
 
-def _processor_beside(src: params_io.Source):
-  """The preprocessor_config.json of an orbax directory or run, or None."""
-  from kimi_jax.data import images  # pylint: disable=g-import-not-at-top  # PIL
-  path = os.path.join(src.path, images.PROCESSOR_CONFIG_NAME)
-  return images.load_processor(path) if os.path.isfile(path) else None
+def _processor_file(directory: str) -> Optional[str]:
+  """The preprocessor_config.json in `directory` (a checkpoint or run), or None."""
+  path = os.path.join(directory, images.PROCESSOR_CONFIG_NAME)
+  return path if os.path.isfile(path) else None
 
 
 def _export_processor(cfg, src: params_io.Source, image_processor: Optional[str]):
   """The ProcessorConfig orbax_to_hf writes (None for a text-only model)."""
-  from kimi_jax.data import images  # pylint: disable=g-import-not-at-top
   if cfg.vision is None:
     if image_processor:
       raise ValueError(f"--image_processor given but {src.path} is a text-only model")
     return None
-  if image_processor:
-    proc = images.load_processor(image_processor)
-  else:
-    proc = _processor_beside(src)
-    if proc is None:
-      size = cfg.vision.image_size
-      logging.warning("%s has no %s: writing SigLIP's default (%dx%d, mean and std 0.5); "
-                      "pass --image_processor if the model was trained with another",
-                      src.path, images.PROCESSOR_CONFIG_NAME, size, size)
-      proc = images.ProcessorConfig(height=size, width=size)
-  if (proc.height, proc.width) != (cfg.vision.image_size,) * 2:
-    raise ValueError(f"image processor resizes to {proc.width}x{proc.height} but the model's "
-                     f"tower takes {cfg.vision.image_size} px images")
-  return proc
+  path = image_processor or _processor_file(src.path)
+  if path is None:
+    size = cfg.vision.image_size
+    logging.warning("%s has no %s: writing SigLIP's default (%dx%d, mean and std 0.5); "
+                    "pass --image_processor if the model was trained with another",
+                    src.path, images.PROCESSOR_CONFIG_NAME, size, size)
+  return images.processor_for_tower(path, cfg.vision.image_size)
 
 
 def convert(direction: str, hf_dir: str, orbax_dir: str, *, param_dtype: Optional[str] = None,
@@ -79,11 +71,10 @@ def convert(direction: str, hf_dir: str, orbax_dir: str, *, param_dtype: Optiona
   """One conversion; `direction` is "hf_to_orbax" or "orbax_to_hf"."""
   if direction == "hf_to_orbax":
     cfg, params = hf.load_pretrained(hf_dir, param_dtype=param_dtype)
-    src = params_io.Source("hf", os.path.abspath(hf_dir), None, None)
-    proc = _processor_beside(src) if cfg.vision is not None else None
+    path = _processor_file(hf_dir) if cfg.vision is not None else None
+    proc = images.load_processor(path) if path else None  # read before anything is written
     params_io.save_orbax(cfg, params, orbax_dir, overwrite=overwrite)
     if proc is not None:
-      from kimi_jax.data import images  # pylint: disable=g-import-not-at-top
       images.save_processor(proc, orbax_dir)
     logging.info("wrote %s (%d params, %s) from %s", orbax_dir, cfg.num_params(),
                  cfg.param_dtype, hf_dir)

@@ -119,7 +119,7 @@ def test_images_for_a_text_model_or_a_wrong_processor_are_config_errors(tmp_path
   images.save_processor(images.ProcessorConfig(height=64, width=64), tmp_path)
   c = _config(path)
   c.data.image_processor = str(tmp_path)
-  with pytest.raises(ValueError, match="image_processor .* resizes to 64x64 but the model's "
+  with pytest.raises(ValueError, match="image_processor: .*: resizes to 64x64 but the model's "
                                        "tower takes 32 px"):
     sft.run_from_config(c, str(tmp_path / "run"), progress=False)
   assert not (tmp_path / "run").exists()

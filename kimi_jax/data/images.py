@@ -143,6 +143,20 @@ def load_processor(path: Union[str, os.PathLike]) -> ProcessorConfig:
   return processor_from_hf(hf, source=path)
 
 
+def processor_for_tower(path: Union[str, os.PathLike, None], image_size: int) -> ProcessorConfig:
+  """The processor at `path` (a preprocessor_config.json or its directory),
+  or SigLIP's default (mean and std 0.5) at `image_size` when `path` is empty.
+  FileNotFoundError / ImageError name the file; a processor that resizes to
+  anything but the tower's `image_size` square is an ImageError too."""
+  if not path:
+    return ProcessorConfig(height=image_size, width=image_size)
+  proc = load_processor(path)
+  if (proc.height, proc.width) != (image_size, image_size):
+    raise ImageError(f"{os.fspath(path)}: resizes to {proc.width}x{proc.height} but the "
+                     f"model's tower takes {image_size} px images")
+  return proc
+
+
 def save_processor(cfg: ProcessorConfig, directory: Union[str, os.PathLike]) -> str:
   """Writes `directory/preprocessor_config.json` atomically; returns its path.
 

@@ -2,7 +2,6 @@
 init + the long-CoT SFT warm-up (method spec §5)."""
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
@@ -26,10 +25,7 @@ def warm_up(s: settings_lib.Settings, params, task: tasks_lib.Task):
   else:
     examples = sft.synthetic_examples(task.sft_problems, d.n_examples, task.encode,
                                       long_frac=d.long_frac, error_rate=d.error_rate, seed=s.seed)
-  sft_cfg = s.sft
-  if task.image_slots and not sft_cfg.image_slots:
-    # Packed rows hold several examples, each with its images.
-    sft_cfg = dataclasses.replace(sft_cfg, image_slots=4 * task.image_slots)
+  sft_cfg = sft.with_image_slots(s.sft, task.image_slots)
   logging.info("SFT warm-up: %d examples, %d steps", len(examples), sft_cfg.steps)
   params, history = sft.run_sft(s.model, params, examples, sft_cfg, eos_id=task.eos_id)
   return params, history

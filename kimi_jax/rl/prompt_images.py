@@ -30,17 +30,10 @@ def _processor(data, model: ModelConfig) -> images_lib.ProcessorConfig:
         data.tokenizer)
     if os.path.isfile(os.path.join(tokenizer_dir, images_lib.PROCESSOR_CONFIG_NAME)):
       path = tokenizer_dir
-  if not path:
-    size = model.vision.image_size
-    return images_lib.ProcessorConfig(height=size, width=size)
   try:
-    proc = images_lib.load_processor(path)
+    return images_lib.processor_for_tower(path, model.vision.image_size)
   except (OSError, ValueError) as e:
     raise ConfigError(f"config.data.image_processor: {e}") from None
-  if (proc.height, proc.width) != (model.vision.image_size,) * 2:
-    raise ConfigError(f"config.data.image_processor {path}: resizes to {proc.width}x{proc.height} "
-                      f"but the model's tower takes {model.vision.image_size} px images")
-  return proc
 
 
 def with_images(task, data, model: ModelConfig, encode_text, bos_id=None):

@@ -8,7 +8,8 @@
 
 The library entry point is `run_sft(model_cfg, params, examples, sft_cfg)`.
 """
-from kimi_jax.sft.config import SFTConfig, default_config, sft_config_from  # noqa: F401
+from kimi_jax.sft.config import (SFTConfig, default_config, sft_config_from,  # noqa: F401
+                                 with_image_slots)
 from kimi_jax.sft.data import (Codec, make_codec, read_responses, response_examples,  # noqa: F401
                                synthetic_examples, visual_examples, write_responses)
 from kimi_jax.sft.job import evaluate_greedy, run_from_config  # noqa: F401

@@ -66,6 +66,19 @@ def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+# Image slots per packed row, per image an example holds, when a config sets
+# none: rows pack several examples, each with its images.
+EXAMPLES_PER_ROW_WITH_IMAGES = 4
+
+
+def with_image_slots(cfg: SFTConfig, images_per_example: int) -> SFTConfig:
+  """`cfg` with image slots for examples of up to `images_per_example`
+  images: unchanged when it sets `image_slots` or the examples have none."""
+  if cfg.image_slots or not images_per_example:
+    return cfg
+  return dataclasses.replace(cfg, image_slots=EXAMPLES_PER_ROW_WITH_IMAGES * images_per_example)
+
+
 def sft_config_from(config_sft) -> SFTConfig:
   """The SFTConfig fields of a config's `sft` sub-dict (other keys ignored)."""
   names = {f.name for f in dataclasses.fields(SFTConfig)}

@@ -201,10 +201,8 @@ def response_examples(records: Sequence[dict], codec: Codec,
       raise ValueError(f"record {i} (id {r.get('id', '?')!r}) has images but the model has no "
                        "image encoder")
     enc = image_encoding
-    text = r["prompt"]
-    if not images_lib.count_markers(text):
-      text = images_lib.IMAGE_MARKER * len(refs) + text
-    ids = images_lib.encode_with_images(codec.encode_response, text, len(refs),
+    # Without markers encode_with_images puts the images first.
+    ids = images_lib.encode_with_images(codec.encode_response, r["prompt"], len(refs),
                                         enc.tokens_per_image, enc.image_token_id)
     prompt = ids if codec.bos_id is None else [codec.bos_id] + ids
     out.append(Example(prompt, codec.encode_response(r["response"]),

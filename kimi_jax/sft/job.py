@@ -21,7 +21,6 @@ are saved besides the last.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import os
 import time
@@ -39,7 +38,7 @@ from kimi_jax.models import params_io
 from kimi_jax.models.transformer import ModelConfig, init_params
 from kimi_jax.sampling import generate
 from kimi_jax.sft import data as data_lib
-from kimi_jax.sft.config import sft_config_from
+from kimi_jax.sft.config import sft_config_from, with_image_slots
 from kimi_jax.sft.train import optimizer_and_step, run_sft
 from kimi_jax.tokenizers import BYTE_EOS_ID, byte_decode, byte_encode
 
@@ -112,17 +111,10 @@ def _file_processor(config, cfg: ModelConfig, src: Optional[params_io.Source]):
   if not path and src is not None and os.path.isfile(
       os.path.join(src.path, images_lib.PROCESSOR_CONFIG_NAME)):
     path = src.path
-  size = cfg.vision.image_size
-  if not path:
-    return images_lib.ProcessorConfig(height=size, width=size)
   try:
-    proc = images_lib.load_processor(path)
+    return images_lib.processor_for_tower(path, cfg.vision.image_size)
   except (OSError, ValueError) as e:
     raise ValueError(f"config.data.image_processor: {e}") from None
-  if (proc.height, proc.width) != (size, size):
-    raise ValueError(f"config.data.image_processor {path}: resizes to {proc.width}x"
-                     f"{proc.height} but the model's tower takes {size} px images")
-  return proc
 
 
 def _file_data(config, cfg: ModelConfig, src: Optional[params_io.Source]) -> _Data:
@@ -207,11 +199,8 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str, *,
   seed = config.data.get("seed", config.seed)  # RL configs split on the top-level seed
   data = _examples(config, cfg, seed, src)
   examples, eos_id, heldout = data.examples, data.eos_id, data.heldout
-  most_images = max((len(e[2]) for e in examples if len(e) > 2 and e[2] is not None),
-                    default=0)
-  if most_images and not sft_cfg.image_slots:
-    # Packed rows hold several examples, each with its images (as the RL warm-up).
-    sft_cfg = dataclasses.replace(sft_cfg, image_slots=4 * most_images)
+  sft_cfg = with_image_slots(sft_cfg, max(
+      (len(e[2]) for e in examples if len(e) > 2 and e[2] is not None), default=0))
 
   os.makedirs(workdir, exist_ok=True)
   params_io.write_config(cfg, workdir)
