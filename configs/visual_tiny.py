@@ -74,7 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_iterations=0, b1=0.9, b2=0.95, weight_decay=0.0,
-      clip_norm=1.0, microbatch_size=16))
+      clip_norm=1.0, microbatch_size=16, train_vision=True, vision_lr_scale=1.0))
 
   c.eval = ml_collections.ConfigDict(dict(temperature=1.0, samples=2, greedy=True,
                                           max_new_tokens=128))

@@ -11,7 +11,7 @@ from kimi_jax.rl import losses, settings, tasks
 from kimi_jax.rl.config_check import ConfigError
 from kimi_jax.rl.evaluation import evaluate
 from kimi_jax.rl.update import (TrainState, UpdateConfig, make_optimizer, make_ref_logprobs,
-                                make_train_step, token_logprobs)
+                                make_train_step, set_learning_rate, token_logprobs)
 from kimi_jax.sampling.finish import FinishReason
 from kimi_jax.sampling.partial import Group, Trajectory
 from multimodal_models import IMAGE_ID, pixels, prompt, tiny_model
@@ -149,6 +149,32 @@ def test_a_frozen_tower_stays_bit_identical(model):
                       state.params["vision"], params["vision"])
   assert all(jax.tree.leaves(same))
   assert float(jnp.abs(state.params["embed"] - params["embed"]).max()) > 0
+
+
+def test_vision_lr_scale_scales_only_the_towers_step(model):
+  cfg, params = model
+  mb = _minibatch(2)
+  batch = _batch(mb, jnp.zeros((8, 32), jnp.float32))
+
+  def first_step(scale):
+    ucfg = UpdateConfig(learning_rate=1e-3, microbatch_size=4, vision_lr_scale=scale)
+    opt = make_optimizer(ucfg)
+    step = make_train_step(cfg, losses.LossConfig(tau=0.5), ucfg, opt)
+    # The per-iteration learning rate is set on a state that holds the extra transform.
+    opt_state = set_learning_rate(opt.init(params), 1e-3)
+    state = TrainState(params=jax.tree.map(jnp.copy, params), opt_state=opt_state,
+                       step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+    new, _ = step(state, batch, ref_is_current=True)
+    return jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new.params, params)
+
+  base, scaled = first_step(1.0), first_step(10.0)
+  for key in base:
+    for d1, d10 in zip(jax.tree.leaves(base[key]), jax.tree.leaves(scaled[key])):
+      np.testing.assert_allclose(d10, (10.0 if key == "vision" else 1.0) * d1,
+                                 rtol=1e-4, atol=1e-9)
+  assert max(float(np.abs(d).max()) for d in jax.tree.leaves(base["vision"])) > 0
+  with pytest.raises(ValueError, match="vision_lr_scale"):
+    UpdateConfig(vision_lr_scale=0.0)
 
 
 def test_evaluation_with_images_reports_each_task(model):

@@ -54,6 +54,10 @@ class UpdateConfig:
   train_vision: image + text models: False freezes the image encoder
     (params["vision"]: no gradient, returned unchanged), True trains it with
     the LM.
+  vision_lr_scale: image + text models: the tower's learning rate is
+    `learning_rate * vision_lr_scale` (the LM's stays `learning_rate`), e.g.
+    < 1 to move a pre-trained tower less than the policy. 1.0 (the default)
+    adds no transform, so optimizer states keep their layout.
   """
   learning_rate: float = 1e-4
   warmup_iterations: int = 0
@@ -63,8 +67,11 @@ class UpdateConfig:
   clip_norm: float = 1.0
   microbatch_size: int = 16
   train_vision: bool = True
+  vision_lr_scale: float = 1.0
 
   def __post_init__(self):
+    if not self.vision_lr_scale > 0:
+      raise ValueError(f"UpdateConfig.vision_lr_scale must be > 0, got {self.vision_lr_scale}")
     if not self.learning_rate > 0:
       raise ValueError(f"UpdateConfig.learning_rate must be > 0, got {self.learning_rate}")
     if self.microbatch_size < 1:
@@ -82,11 +89,20 @@ class UpdateConfig:
 
 def make_optimizer(cfg: UpdateConfig) -> optax.GradientTransformation:
   """AdamW after global-norm clipping; the learning rate is a hyperparameter
-  set per iteration, and non-finite updates are skipped (and counted)."""
+  set per iteration, and non-finite updates are skipped (and counted).
+  With `vision_lr_scale` != 1 the tower's updates are scaled after AdamW
+  (params without a tower are untouched)."""
   adamw = optax.inject_hyperparams(optax.adamw)(
       learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-  return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw),
-                               max_consecutive_errors=1_000_000)
+  parts = [optax.clip_by_global_norm(cfg.clip_norm), adamw]
+  if cfg.vision_lr_scale != 1.0:
+    parts.append(optax.masked(optax.scale(cfg.vision_lr_scale), _vision_mask))
+  return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=1_000_000)
+
+
+def _vision_mask(params):
+  """True on the leaves of params[VISION] (if any), False elsewhere."""
+  return {k: jax.tree.map(lambda _: k == VISION, v) for k, v in params.items()}
 
 
 def set_learning_rate(opt_state, lr: float):
@@ -94,7 +110,8 @@ def set_learning_rate(opt_state, lr: float):
   inner = opt_state.inner_state
   adam_state = inner[1]
   hyper = dict(adam_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
-  return opt_state._replace(inner_state=(inner[0], adam_state._replace(hyperparams=hyper)))
+  return opt_state._replace(
+      inner_state=(inner[0], adam_state._replace(hyperparams=hyper), *inner[2:]))
 
 
 def token_logprobs(cfg: ModelConfig, params, tokens_NT: jax.Array, *,
