@@ -52,7 +52,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       weight_decay=0.0, clip_norm=1.0, seed=0, log_every=50,
       n_examples=4000,  # traces drawn from the train split
       long_frac=0.8,  # fraction of long-CoT (vs answer-only) targets
-      error_rate=0.1))  # per-step slip-and-correct probability in long traces
+      error_rate=0.1,  # per-step slip-and-correct probability in long traces
+      recheck_rate=0.0))  # share of long traces that redo their work (long2short's long model)
 
   # Partial rollouts (method spec §8).
   c.rollout = ml_collections.ConfigDict(dict(

@@ -164,6 +164,27 @@ def test_sft_response_mix():
   assert 0.4 < np.mean(mix) < 0.6
 
 
+@pytest.mark.parametrize("task", S.TASKS)
+def test_rechecks_redo_the_work_and_rate_zero_draws_nothing(task):
+  for p in _problems(task, S.MAX_DIFFICULTY[task], n=60):
+    plain_rng, zero_rng = np.random.default_rng(5), np.random.default_rng(5)
+    plain = S.long_cot(p, plain_rng, 0.2)
+    # recheck_rate=0 is the trace of old, and leaves the generator where it was.
+    assert S.long_cot(p, zero_rng, 0.2, recheck_rate=0.0) == plain
+    assert zero_rng.random() == plain_rng.random()
+    trace = S.long_cot(p, np.random.default_rng(6), 0.0, recheck_rate=1.0)
+    assert len(trace) <= S.MAX_RESPONSE_BYTES and S.reward(p, trace) == 1.0
+    assert trace.count(S.ANSWER_TAG) == 1 and trace.count(S.TERMINATOR) == 1
+    if S.RECHECK in trace.split(S.STEP_SEP) and task != "countdown":
+      first, again = trace[:-len(f";A:{p.answer}\n")].split(f";{S.RECHECK};")
+      assert first == again  # no slips: the second pass repeats the first exactly
+  # Every add/chain trace up to level 3 fits a recheck; the rate is honoured.
+  rng = np.random.default_rng(7)
+  ps = _problems("add", 3, n=400)
+  share = np.mean([S.RECHECK in S.long_cot(q, rng, 0.1, 0.8).split(S.STEP_SEP) for q in ps])
+  assert 0.74 < share < 0.86, share
+
+
 def test_jsonl_round_trip(tmp_path):
   _, heldout = S.make_splits(3, 0, 50, tasks=S.TASKS)
   path = tmp_path / "synthetic.jsonl"

@@ -33,6 +33,7 @@ def test_settings_from_default_config():
     ("model.num_kv_heads", 4, r"config.model.num_heads \(6\) must be a multiple of num_kv_heads"),
     ("eval_every", 0, "eval_every"),
     ("rollout.decode_phases", 0, "config.rollout.decode_phases must be an int >= 1"),
+    ("sft.recheck_rate", 1.5, r"config.sft.recheck_rate must be in \[0, 1\]"),
 ])
 def test_bad_config_values_name_the_key(path, value, msg):
   config = arith_tiny.get_config()

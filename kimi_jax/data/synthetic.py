@@ -15,6 +15,10 @@ Text format (ASCII; one byte = one token in the byte vocabulary):
             byte "\\n" or on a special EOS id appended after it.
   answer    the text after the last "A:" up to the terminator (`extract_answer`).
   slip      "3+1+1=6 wait 3+1+1=5": a wrong step corrected in place.
+  recheck   "8+6=14;c1 r4;check;8+6=14;c1 r4;A:14": the work done twice (its
+            second pass clean) before the answer; off unless asked for
+            (`recheck_rate`). The long2short comparison's long model learns
+            it, as overthinking to trim (report §2.4).
 
 Long responses start with a digit, short ones with "A": the first token picks
 the mode, so a warm-up on a mix of both (`sft_response(long_frac=...)`)
@@ -44,6 +48,7 @@ PROMPT_END = "="
 ANSWER_TAG = "A:"
 TERMINATOR = "\n"
 STEP_SEP = ";"
+RECHECK = "check"
 MAX_PROMPT_BYTES = 32
 MAX_RESPONSE_BYTES = 200
 _ANSWER_RE = re.compile(r"[0-9+\-*()]+")
@@ -96,16 +101,26 @@ def canonical_key(problem: Problem) -> str:
   return _family(problem.task).key(problem.body)
 
 
-def long_cot(problem: Problem, rng: np.random.Generator, error_rate: float = 0.0) -> str:
+def long_cot(problem: Problem, rng: np.random.Generator, error_rate: float = 0.0,
+             recheck_rate: float = 0.0) -> str:
   """Step-by-step trace ending in the right answer.
 
   Each arithmetic step is independently written wrong with probability
   `error_rate` and corrected right after it (CORRECTION); `rng` draws the
-  slips and, for countdown, the failed attempts.
+  slips and, for countdown, the failed attempts. With probability
+  `recheck_rate` the trace then redoes its work once, without slips,
+  after RECHECK (skipped where the result would pass MAX_RESPONSE_BYTES);
+  recheck_rate=0 draws nothing more from `rng`.
   """
   tail = f"{ANSWER_TAG}{problem.answer}{TERMINATOR}"
   budget = MAX_RESPONSE_BYTES - len(tail) - len(STEP_SEP)
-  segments = _family(problem.task).long(problem.body, problem.answer, rng, error_rate, budget)
+  family = _family(problem.task)
+  segments = family.long(problem.body, problem.answer, rng, error_rate, budget)
+  if recheck_rate and rng.random() < recheck_rate:
+    again = family.long(problem.body, problem.answer, rng, 0.0, budget)
+    checked = segments + [RECHECK] + again
+    if len(STEP_SEP.join(checked + [tail])) <= MAX_RESPONSE_BYTES:
+      segments = checked
   return STEP_SEP.join(segments + [tail])
 
 
@@ -115,10 +130,10 @@ def short_cot(problem: Problem) -> str:
 
 
 def sft_response(problem: Problem, rng: np.random.Generator, long_frac: float = 1.0,
-                 error_rate: float = 0.0) -> str:
+                 error_rate: float = 0.0, recheck_rate: float = 0.0) -> str:
   """A warm-up target: long CoT with probability `long_frac`, else short CoT."""
   if rng.random() < long_frac:
-    return long_cot(problem, rng, error_rate)
+    return long_cot(problem, rng, error_rate, recheck_rate)
   return short_cot(problem)
 
 

@@ -21,10 +21,14 @@ def warm_up(s: settings_lib.Settings, params, task: tasks_lib.Task):
   from kimi_jax import sft
   d = s.sft_data
   if task.sft_examples is not None:
+    if d.recheck_rate:
+      raise ValueError("config.sft.recheck_rate: rechecked traces exist for the arithmetic "
+                       "tasks only; set it to 0 for this task")
     examples = task.sft_examples(d.n_examples, d.long_frac, d.error_rate, s.seed)
   else:
     examples = sft.synthetic_examples(task.sft_problems, d.n_examples, task.encode,
-                                      long_frac=d.long_frac, error_rate=d.error_rate, seed=s.seed)
+                                      long_frac=d.long_frac, error_rate=d.error_rate,
+                                      recheck_rate=d.recheck_rate, seed=s.seed)
   sft_cfg = sft.with_image_slots(s.sft, task.image_slots)
   logging.info("SFT warm-up: %d examples, %d steps", len(examples), sft_cfg.steps)
   params, history = sft.run_sft(s.model, params, examples, sft_cfg, eos_id=task.eos_id)

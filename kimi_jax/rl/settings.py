@@ -174,7 +174,7 @@ def from_config(config: ml_collections.ConfigDict) -> Settings:
 
   data = _data(_section(c, "data"))
   sft = _section(c, "sft")
-  sft_keys = ("n_examples", "long_frac", "error_rate")
+  sft_keys = ("n_examples", "long_frac", "error_rate", "recheck_rate")
   sft_data = _take(sft, sft_keys)
   sft_steps = sft.get("steps", 0)
   if not isinstance(sft_steps, int) or isinstance(sft_steps, bool) or sft_steps < 0:

@@ -92,11 +92,13 @@ class SFTData:
   n_examples: int = 4000
   long_frac: float = 0.8
   error_rate: float = 0.1
+  recheck_rate: float = 0.0  # arithmetic tasks: share of long traces that redo their work
 
   def __post_init__(self):
     _require(self, "n_examples", self.n_examples >= 1, ">= 1")
     _require(self, "long_frac", 0 <= self.long_frac <= 1, "in [0, 1]")
     _require(self, "error_rate", 0 <= self.error_rate <= 1, "in [0, 1]")
+    _require(self, "recheck_rate", 0 <= self.recheck_rate <= 1, "in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

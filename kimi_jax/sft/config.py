@@ -111,7 +111,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sft = dict(dataclasses.asdict(SFTConfig(steps=600, seq_len=160, log_every=50)),
                n_examples=4000,  # (prompt, trace) pairs, cycling over data.n_train problems
                long_frac=1.0,  # share of long-CoT (vs answer-only) targets
-               error_rate=0.0)  # per-step probability of a corrected slip
+               error_rate=0.0,  # per-step probability of a corrected slip
+               recheck_rate=0.0)  # share of long traces that redo their work once
   c.data = dict(tasks=("add", "chain"),
                 difficulties=None,  # None = every level of each task
                 n_train=4000, n_heldout=256, seed=0,

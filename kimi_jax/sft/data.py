@@ -42,16 +42,19 @@ REQUIRED = ("prompt", "response")
 
 def synthetic_examples(problems: Sequence[synthetic.Problem], n_examples: int,
                        encode: Callable[[str], list[int]], *, long_frac: float = 1.0,
-                       error_rate: float = 0.0, seed: int = 0) -> list[Example]:
+                       error_rate: float = 0.0, recheck_rate: float = 0.0,
+                       seed: int = 0) -> list[Example]:
   """`n_examples` (prompt_ids, response_ids) pairs cycling over `problems`
-  (several traces of one problem differ in their slips)."""
+  (several traces of one problem differ in their slips and rechecks;
+  `synthetic.long_cot`)."""
   if not problems:
     raise ValueError("synthetic_examples needs at least one problem")
   rng = np.random.default_rng([seed, 0x5F7])
   out = []
   for i in range(n_examples):
     p = problems[i % len(problems)]
-    out.append((encode(p.prompt), encode(synthetic.sft_response(p, rng, long_frac, error_rate))))
+    out.append((encode(p.prompt), encode(synthetic.sft_response(p, rng, long_frac, error_rate,
+                                                                 recheck_rate))))
   return out
 
 

@@ -171,7 +171,9 @@ def _examples(config, cfg: ModelConfig, seed: int,
       heldout_frac=d.get("heldout_frac", 0.2))
   examples = data_lib.synthetic_examples(train, config.sft.n_examples, byte_encode,
                                          long_frac=config.sft.long_frac,
-                                         error_rate=config.sft.error_rate, seed=seed)
+                                         error_rate=config.sft.error_rate,
+                                         recheck_rate=config.sft.get("recheck_rate", 0.0),
+                                         seed=seed)
   return _Data(examples, BYTE_EOS_ID, heldout, {})
 
 
