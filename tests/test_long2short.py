@@ -11,7 +11,7 @@ import pytest
 
 from kimi_jax import parallel
 from kimi_jax.data.prompts import PromptFileError
-from kimi_jax.long2short import dpo, merge, rejection
+from kimi_jax.long2short import dpo, merge, rejection, report
 from kimi_jax.long2short import samples as samples_lib
 from kimi_jax.models import hf, params_io
 from kimi_jax.models.transformer import ModelConfig, Transformer, init_params
@@ -301,3 +301,22 @@ def test_comparison_launcher_bad_config_is_one_line_before_any_work(tmp_path, ov
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert re.search(match, proc.stderr) and "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "l2s" / "long")  # no stage ran
+
+
+def test_verdict_against_the_target_and_the_control():
+  def ev(acc, tokens):
+    return {"eval/accuracy": acc, "eval/response_tokens_mean": tokens,
+            "eval/accuracy_d1": acc, "eval/response_tokens_d1": tokens}
+  evals = {"long": ev(0.50, 60.0), "short": ev(0.20, 6.0), "rs": ev(0.49, 50.0),
+           "l2s_rl": ev(0.49, 36.0), "more_rl": ev(0.52, 40.0)}
+  v = report.summarize(evals)["verdict"]
+  # -1 point at exactly 60% of the tokens meets the target (both bounds inclusive).
+  assert v["target_met"] and v["token_share_vs_long"] == pytest.approx(0.6)
+  assert v["rl_best_accuracy_per_token"]  # 1.36 / 100 tokens against rs's 0.98
+  assert v["vs_control"]["accuracy_points"] == pytest.approx(-3.0)
+  assert v["vs_control"]["token_share"] == pytest.approx(0.9)
+  assert not v["vs_control"]["control_meets_target"]  # 40 tokens is 67%
+  evals["l2s_rl"] = ev(0.47, 36.0)  # -3 points: missed
+  assert not report.summarize(evals)["verdict"]["target_met"]
+  del evals["more_rl"]
+  assert "vs_control" not in report.summarize(evals)["verdict"]

@@ -16,6 +16,10 @@ DIR/stages.json with its wall time so that a rerun skips finished ones:
   dpo         DPO of long on pairs of its samples (dpo.py), DIR/dpo
   l2s_rl      RL from long with the length penalty from iteration 0 and a
               shorter max length (`config.l2s_rl`), DIR/l2s_rl
+  more_rl     the control: as many more iterations of the long model's own
+              RL (`config.more_rl`: the long config, from the long model),
+              DIR/more_rl; what l2s_rl gains beyond it is the length
+              reward's and the shorter cap's, not more RL's
   eval_<m>    every model on the same held-out prompts: pass@1 averaged over
               `config.eval.samples` draws, mean response tokens, per difficulty
 and writes DIR/long2short.json and DIR/plots/long2short.png (report.py).
@@ -44,6 +48,7 @@ from kimi_jax.rl import multihost, settings as settings_lib, tasks as tasks_lib,
 from kimi_jax.rl.evaluation import evaluate
 
 MODELS = tuple(report.LABELS)
+RL_STAGES = ("l2s_rl", "more_rl")  # RL runs from the long model, one config section each
 
 
 def _check_keys(section: str, values: dict, known) -> None:
@@ -71,11 +76,12 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   for key in ("n", "prompts", "max_new_tokens", "batch_size"):
     if not isinstance(c.samples[key], int) or c.samples[key] < 1:
       raise ValueError(f"config.samples.{key} must be an int >= 1, got {c.samples[key]!r}")
-  if not c.l2s_rl.get("init_from"):  # the long model's path is filled in later
-    try:
-      settings_lib.from_config(c.l2s_rl)
-    except settings_lib.ConfigError as e:
-      raise ValueError(f"config.l2s_rl: {e}") from None
+  for section in RL_STAGES:
+    if not c[section].get("init_from"):  # the long model's path is filled in later
+      try:
+        settings_lib.from_config(c[section])
+      except settings_lib.ConfigError as e:
+        raise ValueError(f"config.{section}: {e}") from None
 
 
 class Comparison:
@@ -202,11 +208,12 @@ class Comparison:
     return {"path": self.path("dpo", "model"), "pairs": int(len(pairs.pairs_P2)),
             "prompts_with_pairs": pairs.prompts, "last_step": history[-1]}
 
-  def l2s_rl(self) -> dict:
-    c = ml_collections.ConfigDict(self.c.l2s_rl.to_dict())
+  def rl(self, name: str) -> dict:
+    """RL from the long model (`config.<name>`, init_from "" = long) in DIR/name."""
+    c = ml_collections.ConfigDict(self.c[name].to_dict())
     c.init_from = c.init_from or self.models["long"]
-    trainer.run(c, self.path("l2s_rl"))
-    return {"path": self.path("l2s_rl")}
+    trainer.run(c, self.path(name))
+    return {"path": self.path(name)}
 
   def evaluate(self, model: str) -> dict:
     e = self.c.eval
@@ -230,7 +237,8 @@ class Comparison:
     self.models["merge_rs"] = st.run(
         "merge_rs", lambda: self.rejection("merge_rs", "merge", merge_samples))["path"]
     self.models["dpo"] = st.run("dpo", lambda: self.dpo(long_samples))["path"]
-    self.models["l2s_rl"] = st.run("l2s_rl", self.l2s_rl)["path"]
+    for name in RL_STAGES:
+      self.models[name] = st.run(name, lambda name=name: self.rl(name))["path"]
     evals = {m: st.run(f"eval_{m}", lambda m=m: self.evaluate(m)) for m in MODELS}
     summary = report.summarize(evals)
     summary["stage_seconds"] = st.seconds()
