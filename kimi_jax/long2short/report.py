@@ -104,12 +104,21 @@ def write(summary: dict, workdir: str) -> tuple[str, str]:
   fig = Figure(figsize=(6.4, 4.4), dpi=110, layout="constrained")
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
+  placed = []  # (x, y) scaled to [0, 1] of the points labelled so far
+  xs = [m["response_tokens_mean"] for m in summary["models"].values()] or [1.0]
+  ys = [m["accuracy"] for m in summary["models"].values()] or [1.0]
+  x_span, y_span = max(max(xs) - min(xs), 1e-9), max(max(ys) - min(ys), 1e-9)
   for name, m in summary["models"].items():
     x, y = m["response_tokens_mean"], m["accuracy"]
     marker = {"l2s_rl": "*", "more_rl": "x"}.get(name, "o")
     ax.scatter([x], [y], s=60 if name == "l2s_rl" else 36, zorder=3, marker=marker,
                label=m["label"])
-    ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # Labels of nearby points stack upwards instead of on top of one another.
+    here = ((x - min(xs)) / x_span, (y - min(ys)) / y_span)
+    near = sum(abs(here[0] - a) < 0.12 and abs(here[1] - b) < 0.06 for a, b in placed)
+    placed.append(here)
+    ax.annotate(m["label"], (x, y), textcoords="offset points", xytext=(5, 4 + 11 * near),
+                fontsize=8)
   front = sorted((summary["models"][n]["response_tokens_mean"], summary["models"][n]["accuracy"])
                  for n in summary["pareto_front"])
   ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, alpha=0.5,
