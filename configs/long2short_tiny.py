@@ -91,11 +91,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.l2s_rl.rl.length_penalty_start = 0
   c.l2s_rl.rollout.max_length = 96
 
-  # The control: the long model's own RL continued for as many iterations
-  # (here: no length reward, the long max length), so that long2short RL's
-  # gain over it is the length reward's and the cap's, not more RL's.
-  c.more_rl = _continued(c.long, c.l2s_rl)
-
   # Every model on the long config's held-out prompts: pass@1 at temperature 1
   # averaged over `samples` draws, mean response tokens (EOS included).
   c.eval = ml_collections.ConfigDict(dict(samples=4, temperature=1.0, max_new_tokens=192))
@@ -115,7 +110,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.l2s_rl.total_iterations = 1
     c.l2s_rl.rollout.max_length = 64
     c.eval.update(samples=1, max_new_tokens=64)
-    c.more_rl = _continued(c.long, c.l2s_rl)
+
+  # The control: the long model's own RL continued for as many iterations
+  # (here: no length reward, the long max length), so that long2short RL's
+  # gain over it is the length reward's and the cap's, not more RL's. Built
+  # last, from the long and l2s_rl sections as the variant leaves them.
+  c.more_rl = _continued(c.long, c.l2s_rl)
   return c
 
 
