@@ -46,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       kind="visual", tasks=("count", "compare", "spatial", "bars"),
       difficulties=ml_collections.FieldReference(None, field_type=tuple),
-      n_train=3000, n_heldout=200, heldout_frac=0.2))
+      n_train=3000, n_heldout=200, heldout_frac=0.2, n_warmup=0))
 
   # SFT warm-up on long/short traces of the train split, tower trained too.
   c.sft = ml_collections.ConfigDict(dict(

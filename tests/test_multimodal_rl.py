@@ -212,6 +212,21 @@ def test_visual_task_builds_prompts_images_and_sft_examples():
   assert len(examples) == 4 and examples[0].images.shape == (1, 32, 32, 3)
 
 
+def test_visual_warmup_draws_problems_apart_from_the_rl_prompts():
+  c = _visual_config()
+  c.data.n_warmup = 0
+  task = tasks.make_task(settings.from_config(c))
+  assert task.sft_problems == task.train
+  c.data.n_warmup = 60
+  task = tasks.make_task(settings.from_config(c))
+  warm = {p.id for p in task.sft_problems}
+  assert len(warm) == 60
+  assert not warm & {p.id for p in task.train} and not warm & {p.id for p in task.heldout}
+  c.data.n_warmup = -1
+  with pytest.raises(ConfigError, match="n_warmup"):
+    settings.from_config(c)
+
+
 def test_visual_config_errors_name_the_key():
   c = _visual_config()
   del c.model["vision"]

@@ -173,6 +173,21 @@ def test_splits_are_disjoint_balanced_and_deterministic():
     V.make_splits(0, 10, 10, tasks=["colour"])
 
 
+def test_warmup_problems_are_apart_from_both_splits():
+  train, heldout = V.make_splits(0, 300, 100)
+  warmup = V.make_warmup_problems(0, 400, train)
+  ids = {p.id for p in warmup}
+  assert len(ids) == len(warmup) == 400
+  assert not ids & {p.id for p in train}
+  assert not ids & {p.id for p in heldout}
+  # Never held out under the split's rule, whatever the held-out count.
+  _, more_heldout = V.make_splits(0, 10, 2000)
+  assert not ids & {p.id for p in more_heldout}
+  assert {(p.task, p.difficulty) for p in warmup} == set(CELLS)
+  assert warmup == V.make_warmup_problems(0, 400, train)
+  assert {p.id for p in V.make_warmup_problems(1, 400, train)} != ids
+
+
 def test_jsonl_round_trip_is_a_valid_image_prompt_set(tmp_path):
   _, heldout = V.make_splits(1, 0, 30)
   V.to_jsonl(heldout, tmp_path / "visual.jsonl")

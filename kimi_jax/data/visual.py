@@ -40,7 +40,7 @@ import json
 import os
 import re
 import zlib
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -178,6 +178,43 @@ def make_splits(seed: int, n_train: int, n_heldout: int,
   is ordered by task, then difficulty."""
   if not 0.0 < heldout_frac < 1.0:
     raise ValueError(f"heldout_frac must be in (0, 1), got {heldout_frac}")
+  cells = _cells(tasks, difficulties)
+  train, heldout = [], []
+  # Ids are unique over the whole split: two levels of a task can draw the
+  # same scene and question (a prompt sampler keys its statistics by id).
+  taken = set()
+  for (task, d), n_tr, n_ho in zip(cells, _shares(n_train, cells), _shares(n_heldout, cells)):
+    for side, n, out in ((True, n_ho, heldout), (False, n_tr, train)):
+      _draw(out, taken, n, seed, task, d, stream=int(side),
+            keep=lambda p, side=side: _is_heldout(seed, p.id, heldout_frac) == side)
+  order = np.random.default_rng([seed, 0x5EED]).permutation(len(train))
+  return [train[i] for i in order], heldout
+
+
+def make_warmup_problems(seed: int, n: int, exclude: Iterable[VisualProblem],
+                         difficulties: Optional[Sequence[int]] = None,
+                         tasks: Sequence[str] = TASKS, heldout_frac: float = 0.2
+                         ) -> list[VisualProblem]:
+  """`n` problems for an SFT warm-up, apart from both splits of `make_splits`
+  with the same arguments: never held out (the same hash rule) and never one
+  of `exclude` (the RL train prompts), spread over the cells like the train
+  split, shuffled. Procedural tasks make fresh problems free, and a warm-up
+  that cycles over the RL prompts memorises their answers: RL then rewards
+  recalled answers, which held-out prompts do not share."""
+  if not 0.0 < heldout_frac < 1.0:
+    raise ValueError(f"heldout_frac must be in (0, 1), got {heldout_frac}")
+  cells = _cells(tasks, difficulties)
+  out: list[VisualProblem] = []
+  taken = {p.id for p in exclude}
+  for (task, d), k in zip(cells, _shares(n, cells)):
+    _draw(out, taken, k, seed, task, d, stream=2,
+          keep=lambda p: not _is_heldout(seed, p.id, heldout_frac))
+  order = np.random.default_rng([seed, 0x3A1]).permutation(len(out))
+  return [out[i] for i in order]
+
+
+def _cells(tasks: Sequence[str], difficulties: Optional[Sequence[int]]) -> list[tuple[str, int]]:
+  """(task, level) pairs to draw from; levels above a task's maximum skipped."""
   cells = []
   for task in tasks:
     top = _family(task).max_difficulty
@@ -188,29 +225,28 @@ def make_splits(seed: int, n_train: int, n_heldout: int,
       cells.append((task, int(d)))
   if not cells:
     raise ValueError("make_splits needs at least one task and one difficulty")
+  return cells
 
-  def shares(n: int) -> list[int]:
-    base, extra = divmod(n, len(cells))
-    return [base + (i < extra) for i in range(len(cells))]
 
-  train, heldout = [], []
-  # Ids are unique over the whole split: two levels of a task can draw the
-  # same scene and question (a prompt sampler keys its statistics by id).
-  taken = set()
-  for (task, d), n_tr, n_ho in zip(cells, shares(n_train), shares(n_heldout)):
-    for side, n, out in ((True, n_ho, heldout), (False, n_tr, train)):
-      rng = np.random.default_rng([seed, zlib.crc32(task.encode()), d, int(side)])
-      got = 0
-      for _ in range(50 * n + 200):  # tiny cells (2 bars) run out: return fewer
-        if got == n:
-          break
-        p = make_problem(task, rng, d)
-        if p.id not in taken and _is_heldout(seed, p.id, heldout_frac) == side:
-          taken.add(p.id)
-          out.append(p)
-          got += 1
-  order = np.random.default_rng([seed, 0x5EED]).permutation(len(train))
-  return [train[i] for i in order], heldout
+def _shares(n: int, cells: Sequence) -> list[int]:
+  base, extra = divmod(n, len(cells))
+  return [base + (i < extra) for i in range(len(cells))]
+
+
+def _draw(out: list, taken: set, n: int, seed: int, task: str, d: int, stream: int,
+          keep: Callable[[VisualProblem], bool]) -> None:
+  """Appends up to `n` new problems of (task, d) that `keep` accepts, from
+  the random stream (seed, task, d, stream); ids go into `taken`."""
+  rng = np.random.default_rng([seed, zlib.crc32(task.encode()), d, stream])
+  got = 0
+  for _ in range(50 * n + 200):  # tiny cells (2 bars) run out: return fewer
+    if got == n:
+      break
+    p = make_problem(task, rng, d)
+    if p.id not in taken and keep(p):
+      taken.add(p.id)
+      out.append(p)
+      got += 1
 
 
 # ---------------------------------------------------------------- files
@@ -275,4 +311,4 @@ def from_jsonl(path: str | os.PathLike) -> list[VisualProblem]:
 
 __all__ = ["IMAGE_SIZE", "IMAGE_TOKEN_ID", "VOCAB_SIZE", "TASKS", "VisualProblem",
            "make_problem", "long_cot", "short_cot", "sft_response", "extract_answer",
-           "is_correct", "reward", "encode_prompt", "make_splits", "to_jsonl", "from_jsonl"]
+           "is_correct", "reward", "encode_prompt", "make_splits", "make_warmup_problems", "to_jsonl", "from_jsonl"]

@@ -31,12 +31,18 @@ class VisualData:
   tasks: task families (count, compare, spatial, bars, arith).
   difficulties: levels to draw (None: every level of each task).
   n_train / n_heldout / heldout_frac: as the arithmetic tasks'.
+  n_warmup: problems of their own for the SFT warm-up, drawn apart from the
+    RL prompts and the held-out split (`visual.make_warmup_problems`); 0:
+    the warm-up cycles over the RL train prompts. A tiny tower that sees the
+    same few thousand images for many epochs memorises their answers, and
+    RL on those prompts then rewards recall.
   """
   tasks: tuple = visual.TASKS
   difficulties: Optional[tuple] = None
   n_train: int = 2000
   n_heldout: int = 200
   heldout_frac: float = 0.2
+  n_warmup: int = 0
 
   def __post_init__(self):
     if not self.tasks:
@@ -48,6 +54,8 @@ class VisualData:
     for name in ("n_train", "n_heldout"):
       if getattr(self, name) < 1:
         raise ValueError(f"VisualData.{name} must be >= 1, got {getattr(self, name)}")
+    if not isinstance(self.n_warmup, int) or self.n_warmup < 0:
+      raise ValueError(f"VisualData.n_warmup must be an int >= 0, got {self.n_warmup!r}")
     if not 0 < self.heldout_frac < 1:
       raise ValueError(f"VisualData.heldout_frac must be in (0, 1), got {self.heldout_frac}")
 
@@ -78,6 +86,14 @@ def problem_pixels(problem: visual.VisualProblem) -> np.ndarray:
   return x
 
 
+def warmup_problems(seed: int, data: VisualData, train: list) -> list:
+  """The SFT warm-up's problems: `data.n_warmup` of their own, or `train`."""
+  if not data.n_warmup:
+    return train
+  return visual.make_warmup_problems(seed, data.n_warmup, train, difficulties=data.difficulties,
+                                     tasks=data.tasks, heldout_frac=data.heldout_frac)
+
+
 def visual_task(seed: int, data: VisualData, model: ModelConfig):
   """The `tasks.Task` of the visual problems for `model` (checked first)."""
   from kimi_jax import sft  # pylint: disable=g-import-not-at-top
@@ -86,6 +102,7 @@ def visual_task(seed: int, data: VisualData, model: ModelConfig):
   train, heldout = visual.make_splits(seed, data.n_train, data.n_heldout,
                                       difficulties=data.difficulties, tasks=data.tasks,
                                       heldout_frac=data.heldout_frac)
+  warmup = warmup_problems(seed, data, train)
   P = model.vision.tokens_per_image
 
   def encode(text: str) -> list[int]:
@@ -94,9 +111,9 @@ def visual_task(seed: int, data: VisualData, model: ModelConfig):
                                          visual.IMAGE_TOKEN_ID)
 
   def sft_examples(n: int, long_frac: float, error_rate: float, example_seed: int):
-    return sft.visual_examples(train, n, P, PROCESSOR, long_frac=long_frac,
+    return sft.visual_examples(warmup, n, P, PROCESSOR, long_frac=long_frac,
                                error_rate=error_rate, seed=example_seed)
 
   return Task(train, heldout, encode, byte_decode, BYTE_EOS_ID, visual.VOCAB_SIZE, visual.reward,
-              sft_problems=train, images=problem_pixels, image_slots=IMAGE_SLOTS,
+              sft_problems=warmup, images=problem_pixels, image_slots=IMAGE_SLOTS,
               category=lambda p: p.task, sft_examples=sft_examples, processor=PROCESSOR)

@@ -147,11 +147,16 @@ def _visual_data(config, cfg: ModelConfig, seed: int) -> _Data:
   from kimi_jax.rl import visual_task  # pylint: disable=g-import-not-at-top
   d = config.data
   visual_task.check_model(cfg)
-  train, heldout = visual.make_splits(
-      seed, d.n_train, d.n_heldout, difficulties=d.get("difficulties"),
-      tasks=tuple(d.get("tasks", visual.TASKS)), heldout_frac=d.get("heldout_frac", 0.2))
+  vd = visual_task.VisualData(
+      tasks=tuple(d.get("tasks", visual.TASKS)),
+      difficulties=None if d.get("difficulties") is None else tuple(d.difficulties),
+      n_train=d.n_train, n_heldout=d.n_heldout, heldout_frac=d.get("heldout_frac", 0.2),
+      n_warmup=d.get("n_warmup", 0))
+  train, heldout = visual.make_splits(seed, vd.n_train, vd.n_heldout,
+                                      difficulties=vd.difficulties, tasks=vd.tasks,
+                                      heldout_frac=vd.heldout_frac)
   P = cfg.vision.tokens_per_image
-  examples = data_lib.visual_examples(train, config.sft.n_examples, P, visual_task.PROCESSOR,
+  examples = data_lib.visual_examples(visual_task.warmup_problems(seed, vd, train), config.sft.n_examples, P, visual_task.PROCESSOR,
                                       long_frac=config.sft.long_frac,
                                       error_rate=config.sft.error_rate, seed=seed)
   eval_kwargs = dict(prompt_ids=lambda p: visual.encode_prompt(p, P),
