@@ -198,7 +198,8 @@ def make_warmup_problems(seed: int, n: int, exclude: Iterable[VisualProblem],
   """`n` problems for an SFT warm-up, apart from both splits of `make_splits`
   with the same arguments: never held out (the same hash rule) and never one
   of `exclude` (the RL train prompts), spread over the cells like the train
-  split, shuffled. Procedural tasks make fresh problems free, and a warm-up
+  split, shuffled (fewer when a small cell, such as two bars, runs out of
+  distinct problems). Procedural tasks make fresh problems free, and a warm-up
   that cycles over the RL prompts memorises their answers: RL then rewards
   recalled answers, which held-out prompts do not share."""
   if not 0.0 < heldout_frac < 1.0:
