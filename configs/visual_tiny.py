@@ -11,8 +11,9 @@ surrogate, held-out pass@1, here per task) with uniform prompt sampling, a
 3x smaller step and the tower frozen; the warm-up has problems of its own
 (data.n_warmup) and a 6x smaller learning rate than the text tasks'.
 
-Measured here (12 minutes): RL adds a few points, short of the issue's +15;
-seed 0 held-out pass@1 0.682 -> 0.723, greedy 0.690 -> 0.758. README
+Measured here (12-16 minutes): RL adds 3-10 points, short of the issue's
++15; held-out pass@1 seeds 0/1/2: 0.682 -> 0.723, 0.593 -> 0.623,
+0.562 -> 0.658. README
 "Images" gives the runs behind these settings and what limits RL (spatial
 relations stay at chance; the warm-up's T=1 samples are as good as its
 greedy answers).
