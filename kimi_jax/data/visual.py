@@ -225,7 +225,7 @@ def _cells(tasks: Sequence[str], difficulties: Optional[Sequence[int]]) -> list[
         raise ValueError(f"difficulty must be >= 1, got {d}")
       cells.append((task, int(d)))
   if not cells:
-    raise ValueError("make_splits needs at least one task and one difficulty")
+    raise ValueError("visual problems need at least one task and one difficulty")
   return cells
 
 
@@ -312,4 +312,5 @@ def from_jsonl(path: str | os.PathLike) -> list[VisualProblem]:
 
 __all__ = ["IMAGE_SIZE", "IMAGE_TOKEN_ID", "VOCAB_SIZE", "TASKS", "VisualProblem",
            "make_problem", "long_cot", "short_cot", "sft_response", "extract_answer",
-           "is_correct", "reward", "encode_prompt", "make_splits", "make_warmup_problems", "to_jsonl", "from_jsonl"]
+           "is_correct", "reward", "encode_prompt", "make_splits", "make_warmup_problems",
+           "to_jsonl", "from_jsonl"]

@@ -86,12 +86,17 @@ def problem_pixels(problem: visual.VisualProblem) -> np.ndarray:
   return x
 
 
-def warmup_problems(seed: int, data: VisualData, train: list) -> list:
-  """The SFT warm-up's problems: `data.n_warmup` of their own, or `train`."""
+def problem_sets(seed: int, data: VisualData) -> tuple[list, list, list]:
+  """(train, heldout, warmup): the RL prompts, the held-out split and the
+  SFT warm-up's problems (`data.n_warmup` of their own, else `train`)."""
+  train, heldout = visual.make_splits(seed, data.n_train, data.n_heldout,
+                                      difficulties=data.difficulties, tasks=data.tasks,
+                                      heldout_frac=data.heldout_frac)
   if not data.n_warmup:
-    return train
-  return visual.make_warmup_problems(seed, data.n_warmup, train, difficulties=data.difficulties,
-                                     tasks=data.tasks, heldout_frac=data.heldout_frac)
+    return train, heldout, train
+  warmup = visual.make_warmup_problems(seed, data.n_warmup, train, difficulties=data.difficulties,
+                                       tasks=data.tasks, heldout_frac=data.heldout_frac)
+  return train, heldout, warmup
 
 
 def visual_task(seed: int, data: VisualData, model: ModelConfig):
@@ -99,10 +104,7 @@ def visual_task(seed: int, data: VisualData, model: ModelConfig):
   from kimi_jax import sft  # pylint: disable=g-import-not-at-top
   from kimi_jax.rl.tasks import Task  # pylint: disable=g-import-not-at-top
   check_model(model)
-  train, heldout = visual.make_splits(seed, data.n_train, data.n_heldout,
-                                      difficulties=data.difficulties, tasks=data.tasks,
-                                      heldout_frac=data.heldout_frac)
-  warmup = warmup_problems(seed, data, train)
+  train, heldout, warmup = problem_sets(seed, data)
   P = model.vision.tokens_per_image
 
   def encode(text: str) -> list[int]:

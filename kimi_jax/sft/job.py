@@ -152,11 +152,9 @@ def _visual_data(config, cfg: ModelConfig, seed: int) -> _Data:
       difficulties=None if d.get("difficulties") is None else tuple(d.difficulties),
       n_train=d.n_train, n_heldout=d.n_heldout, heldout_frac=d.get("heldout_frac", 0.2),
       n_warmup=d.get("n_warmup", 0))
-  train, heldout = visual.make_splits(seed, vd.n_train, vd.n_heldout,
-                                      difficulties=vd.difficulties, tasks=vd.tasks,
-                                      heldout_frac=vd.heldout_frac)
+  _, heldout, warmup = visual_task.problem_sets(seed, vd)
   P = cfg.vision.tokens_per_image
-  examples = data_lib.visual_examples(visual_task.warmup_problems(seed, vd, train), config.sft.n_examples, P, visual_task.PROCESSOR,
+  examples = data_lib.visual_examples(warmup, config.sft.n_examples, P, visual_task.PROCESSOR,
                                       long_frac=config.sft.long_frac,
                                       error_rate=config.sft.error_rate, seed=seed)
   eval_kwargs = dict(prompt_ids=lambda p: visual.encode_prompt(p, P),
